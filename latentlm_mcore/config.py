@@ -1,0 +1,231 @@
+"""Dataclass configs and named presets.
+
+`ModelConfig` describes the network (backbone, latent projection, diffusion head, diffusion
+objective); `TrainConfig` the optimisation schedule; `ParallelConfig` the layout over devices.
+`PRESETS` maps a name to a `LatentLMConfig` holding all three. Entry points parse overrides
+into these; the library never reads a command line.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Literal
+
+# cl100k_base has 100,277 ids (100,256 BPE ranks + specials up to 100,276); padded to 100,288
+# (a multiple of 64 and of 8*TP for TP <= 8) with our special tokens in the padding range.
+CL100K_PADDED_VOCAB = 100_288
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    seq_length: int
+    latent_dim: int
+    head_layers: int
+    num_query_groups: int | None = None  # None = multi-head attention
+    head_hidden_size: int | None = None  # None = hidden_size
+    head_ffn_hidden_size: int | None = None  # None = head_hidden_size (MAR-style width-1 MLP)
+    timestep_embedding_dim: int = 256  # sinusoidal features fed to the head's timestep MLP
+    rotary_base: int = 10_000
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = False
+    # diffusion objective (paper 2.1 / appendix B)
+    prediction: Literal["v", "eps"] = "v"
+    num_timesteps: int = 1000
+    batch_mul: int = 4  # timesteps sampled per latent per forward pass
+    diffusion_loss_weight: float = 1.0  # alpha in L_LM + alpha * L_Diff
+
+    def __post_init__(self):
+        if self.head_hidden_size is None:
+            self.head_hidden_size = self.hidden_size
+        if self.head_ffn_hidden_size is None:
+            self.head_ffn_hidden_size = self.head_hidden_size
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def kv_channels(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 500
+    train_steps: int = 250_000
+    global_batch_size: int = 1024  # sequences per optimizer step
+    micro_batch_size: int = 1
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.98
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    sequence_parallel: bool = False
+    virtual_pipeline_parallel: int | None = None
+    distributed_optimizer: bool = True
+
+
+@dataclass
+class LatentLMConfig:
+    name: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.model.seq_length
+
+
+def _mllm_1p3b() -> LatentLMConfig:
+    # Appendix D, Table 8: 4M-token batches (1024 x 4096) for 250k steps = 1T tokens.
+    return LatentLMConfig(
+        name="mllm-1.3b",
+        model=ModelConfig(num_layers=24, hidden_size=2048, ffn_hidden_size=6144, num_attention_heads=16,
+                          vocab_size=CL100K_PADDED_VOCAB, seq_length=4096, latent_dim=32, head_layers=6),
+        train=TrainConfig(lr=3e-4, min_lr=3e-5, warmup_steps=500, train_steps=250_000,
+                          global_batch_size=1024, micro_batch_size=1, weight_decay=0.1),
+        parallel=ParallelConfig(tensor_parallel=1, pipeline_parallel=1),
+    )
+
+
+def _imagenet(name: str, hidden: int, layers: int, heads: int, lr: float) -> LatentLMConfig:
+    # Appendix A, Table 7 (LatentLM column): FFN 4d, 3-layer diffusion head, class-conditional
+    # 256px images as 16x16 = 256 latents of dim 32 (patch-16 sigma-VAE), batch 256, 75k steps.
+    # Sequence: class token, <BOD>, 256 latents, <EOD>; vocab = 1000 classes + specials, padded.
+    return LatentLMConfig(
+        name=name,
+        model=ModelConfig(num_layers=layers, hidden_size=hidden, ffn_hidden_size=4 * hidden,
+                          num_attention_heads=heads, vocab_size=1024, seq_length=260, latent_dim=32,
+                          head_layers=3),
+        train=TrainConfig(lr=lr, min_lr=lr / 10, warmup_steps=100, train_steps=75_000,
+                          global_batch_size=256, micro_batch_size=32, weight_decay=0.1),
+    )
+
+
+def _tts_24l() -> LatentLMConfig:
+    # Appendix E, Table 9: 5M-token batches, 100k steps, 10k warmup, weight decay 0.01,
+    # 3-layer head; speech latents from the 7.5 Hz sigma-VAE with latent dim 64 (Table 6).
+    return LatentLMConfig(
+        name="tts-24l",
+        model=ModelConfig(num_layers=24, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16,
+                          vocab_size=CL100K_PADDED_VOCAB, seq_length=4096, latent_dim=64, head_layers=3),
+        train=TrainConfig(lr=7.5e-4, min_lr=7.5e-5, warmup_steps=10_000, train_steps=100_000,
+                          global_batch_size=1280, micro_batch_size=1, weight_decay=0.01),
+    )
+
+
+def _tiny() -> LatentLMConfig:
+    # Runs in seconds on a CPU; vocab padded cl100k so the real tokenizer works with it.
+    return LatentLMConfig(
+        name="tiny",
+        model=ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                          vocab_size=CL100K_PADDED_VOCAB, seq_length=128, latent_dim=16, head_layers=2),
+        train=TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, train_steps=200, global_batch_size=8,
+                          micro_batch_size=2, weight_decay=0.01),
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "mllm-1.3b": _mllm_1p3b,
+    "imagenet-m": lambda: _imagenet("imagenet-m", 1024, 24, 16, 8e-4),
+    "imagenet-l": lambda: _imagenet("imagenet-l", 1536, 24, 12, 3e-4),
+    "imagenet-xl": lambda: _imagenet("imagenet-xl", 2048, 24, 16, 2e-4),
+    "imagenet-3b": lambda: _imagenet("imagenet-3b", 2560, 32, 20, 1.6e-4),
+    "tts-24l": _tts_24l,
+}
+
+
+def get_preset(name: str) -> LatentLMConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def apply_overrides(cfg, overrides: dict[str, str]):
+    """Return a copy of `cfg` with dotted overrides applied, e.g. {"model.num_layers": "4"}.
+    Values are parsed to the field's current type; unknown keys raise naming the key."""
+    cfg = copy.deepcopy(cfg)
+    for key, raw in overrides.items():
+        obj, parts = cfg, key.split(".")
+        for part in parts[:-1]:
+            if not hasattr(obj, part):
+                raise KeyError(f"unknown config key {key!r}")
+            obj = getattr(obj, part)
+        leaf = parts[-1]
+        if not is_dataclass(obj) or leaf not in {f.name for f in fields(obj)}:
+            raise KeyError(f"unknown config key {key!r}")
+        setattr(obj, leaf, _parse_like(getattr(obj, leaf), raw, key))
+    return cfg
+
+
+def _parse_like(current, raw: str, key: str):
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if isinstance(current, bool):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if current is None:
+            if raw.lower() == "none":
+                return None
+            try:
+                return int(raw)
+            except ValueError:
+                return float(raw)
+    except ValueError:
+        raise ValueError(f"config key {key!r}: cannot parse {raw!r} as {type(current).__name__}") from None
+    return raw
+
+
+def count_parameters(model: ModelConfig) -> dict[str, int]:
+    """Parameter count by part, from the architecture alone (no weights allocated).
+
+    Mirrors exactly what `LatentLMModel` builds: bias-free backbone with pre-RMSNorm, SwiGLU, GQA-able
+    attention, final norm, (un)tied output layer, latent input projection, and the diffusion head.
+    """
+    h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    kv = (model.num_query_groups or model.num_attention_heads) * model.kv_channels
+    attention = h * (h + 2 * kv) + h * h  # fused QKV + output projection
+    mlp = 2 * h * f + f * h  # gate+up, down
+    layer = attention + mlp + 2 * h  # two RMSNorm weights
+    embedding = model.vocab_size * h
+    output = 0 if model.tie_embeddings else model.vocab_size * h
+    latent_in = model.latent_dim * h
+    hh, hf, d, te = model.head_hidden_size, model.head_ffn_hidden_size, model.latent_dim, model.timestep_embedding_dim
+    head = (
+        h + h * hh  # condition: RMSNorm(h) weight, Linear(h -> hh)
+        + (te * hh + hh) + (hh * hh + hh)  # timestep MLP (with biases)
+        + d * hh  # noisy latent input projection
+        + model.head_layers * (hh + (hh * 3 * hh + 3 * hh) + 3 * hh * hf)  # norm, AdaLN(shift,scale,gate), SwiGLU
+        + (hh * 2 * hh + 2 * hh) + hh * d  # final AdaLN (shift, scale) + output projection
+    )
+    parts = {
+        "embedding": embedding,
+        "transformer": L * layer + h,  # + final norm
+        "output_layer": output,
+        "latent_projection": latent_in,
+        "diffusion_head": head,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

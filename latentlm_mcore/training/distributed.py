@@ -1,0 +1,58 @@
+"""Process group and megatron parallel-state setup, on GPU (NCCL) or CPU (gloo)."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from latentlm_mcore.compat import enable_cpu_fallbacks, mend_distributed_optimizer_torch_adam
+from latentlm_mcore.config import ParallelConfig
+
+
+def rank_and_world_from_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun or, failing that, Slurm's srun variables."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in os.environ:
+        return (int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
+                int(os.environ.get("SLURM_LOCALID", 0)))
+    return 0, 1, 0
+
+
+def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Start the process group (if needed) and megatron's TP/PP/DP groups; seed every RNG.
+
+    Without CUDA this also switches on the CPU fallbacks of `latentlm_mcore.compat`.
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        enable_cpu_fallbacks()
+    mend_distributed_optimizer_torch_adam()
+    if not dist.is_initialized():
+        rank, world, local_rank = rank_and_world_from_env()
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world,
+                                timeout=timedelta(minutes=timeout_minutes))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_parallel,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)  # the CPU fallback tracks the default generator: restart it cleanly
+
+
+def shutdown_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

