@@ -1,0 +1,51 @@
+#!/bin/bash
+# Multi-GPU σ-VAE training: one task per GPU, torch DDP over NCCL.
+#
+#   sbatch slurm/train_sigma_vae.sh                                  # paper preset, paths below
+#   sbatch --nodes 4 slurm/train_sigma_vae.sh --max-steps 100000     # extra args go to the trainer
+#   TRAIN_DATA=/data/train.jsonl EVAL_DATA=/data/val OUT_DIR=/ckpt/vae sbatch slurm/train_sigma_vae.sh
+#
+# Re-submitting with the same OUT_DIR resumes from its checkpoint. Near the time limit Slurm sends USR1
+# (--signal below) to every task; the trainer then saves a checkpoint and exits cleanly.
+#SBATCH --job-name=sigma-vae
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=48:00:00
+#SBATCH --signal=USR1@180
+#SBATCH --output=%x-%j.out
+
+set -euo pipefail
+
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$(pwd)}}
+PYTHON=${PYTHON:-$REPO_DIR/.venv/bin/python}
+TRAIN_DATA=${TRAIN_DATA:-/data/imagenet/train}
+EVAL_DATA=${EVAL_DATA:-/data/imagenet/val}
+OUT_DIR=${OUT_DIR:-$REPO_DIR/outputs/sigma_vae_paper}
+PRESET=${PRESET:-paper}
+BATCH_PER_GPU=${BATCH_PER_GPU:-32}        # 8 GPUs x 32 = 256, the paper's batch size
+NUM_WORKERS=${NUM_WORKERS:-8}
+WANDB_PROJECT=${WANDB_PROJECT:-}           # empty: TensorBoard only; wandb runs offline unless WANDB_MODE=online
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+export MASTER_ADDR MASTER_PORT
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+mkdir -p "$OUT_DIR"
+
+echo "σ-VAE: $SLURM_NNODES node(s), $SLURM_NTASKS GPUs, master $MASTER_ADDR:$MASTER_PORT, out $OUT_DIR"
+
+# srun starts one task per GPU; each maps Slurm's ids onto the torch.distributed env:// variables.
+srun --kill-on-bad-exit=1 bash -c '
+  export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
+  exec "$0" "$@"
+' "$PYTHON" "$REPO_DIR/pretrain/train_sigma_vae.py" \
+  --preset "$PRESET" \
+  --train-data "$TRAIN_DATA" \
+  --eval-data "$EVAL_DATA" \
+  --out-dir "$OUT_DIR" \
+  --batch-size "$BATCH_PER_GPU" \
+  --num-workers "$NUM_WORKERS" \
+  --wandb-project "$WANDB_PROJECT" \
+  "$@"

@@ -1,0 +1,225 @@
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAE, load_sigma_vae
+from latentlm_mcore.vae.data import ImageDataset, list_images
+from latentlm_mcore.vae.losses import _vgg16_features
+from latentlm_mcore.vae.trainer import SigmaVAETrainer, encoder_param_groups, psnr
+from tests.vae.conftest import TRAIN_STEPS, tiny_train_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _heldout_images(heldout_dir):
+    dataset = ImageDataset(list_images(str(heldout_dir)), 32, train=False)
+    return torch.stack([dataset[i] for i in range(len(dataset))])
+
+
+def test_tiny_sigma_vae_beats_mean_image_psnr(trained_run, photo_dirs):
+    out_dir, result = trained_run
+    images = _heldout_images(photo_dirs[1])
+    # The baseline predicts the held-out set's own mean image for every image (an oracle constant).
+    baseline = psnr(images.mean(0, keepdim=True).expand_as(images), images).mean().item()
+    vae = load_sigma_vae(out_dir / "sigma_vae.pt")
+    with torch.no_grad():
+        trained = psnr(vae.decode(vae.encode(images)), images).mean().item()
+    print(f"\nheld-out PSNR after {TRAIN_STEPS} steps: {trained:.2f} dB; mean-image baseline {baseline:.2f} dB")
+    assert trained > baseline + 6.0
+    assert result["step"] == TRAIN_STEPS and result["eval/psnr"] == pytest.approx(trained, abs=1e-3)
+    grid = Image.open(result["grid"])
+    assert grid.size == (8 * 34 - 2, 2 * 34 - 2)  # 8 originals over 8 reconstructions, 2px gaps
+    with open(out_dir / "metrics.jsonl") as f:
+        assert json.loads(f.readlines()[-1])["eval/psnr"] == pytest.approx(trained, abs=1e-3)
+
+
+def test_encode_then_decode_is_deterministic(trained_run, photo_dirs):
+    out_dir, _ = trained_run
+    images = _heldout_images(photo_dirs[1])
+    first, second = load_sigma_vae(out_dir / "sigma_vae.pt"), load_sigma_vae(out_dir / "sigma_vae.pt")
+    with torch.no_grad():
+        a = first.decode(first.encode(images))
+        b = first.decode(first.encode(images))
+        c = second.decode(second.encode(images))
+        noisy, _ = first(images)  # the training pass is not: it adds σ noise
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert not torch.equal(a, noisy)
+
+
+def test_stored_latent_stats_give_unit_scale_on_heldout_crops(trained_run, photo_dirs):
+    """The statistics come from `stats_samples` training crops drawn with the trainer's fixed seed; here
+    they are checked on 256 other random crops (another seed), per channel."""
+    out_dir, _ = trained_run
+    vae = load_sigma_vae(out_dir / "sigma_vae.pt")
+    stats = vae.latent_stats
+    assert stats is not None and stats.mean.shape == (16,)
+    crops = ImageDataset(list_images(str(photo_dirs[0])), 32, train=True, min_scale=0.1)
+    generator = torch.Generator().manual_seed(987654)  # the trainer's stats crops use seed + 12345
+    images = torch.stack([crops.crop(i % len(crops), generator) for i in range(256)])
+    with torch.no_grad():
+        mu = vae.encode(images).reshape(-1, 16)
+    scaled = stats.scale(mu)
+
+    def deviation(t):  # mean over channels of |mean_c| and of |std_c - 1|
+        return t.mean(0).abs().mean().item(), (t.std(0) - 1).abs().mean().item()
+
+    raw_dev, scaled_dev = deviation(mu), deviation(scaled)
+    print(f"\nheld-out crops, avg over channels |mean|, |std-1|: raw μ {raw_dev[0]:.3f}, {raw_dev[1]:.3f}; "
+          f"scaled {scaled_dev[0]:.3f}, {scaled_dev[1]:.3f}")
+    assert scaled_dev[0] < 0.08 and scaled_dev[1] < 0.08
+    assert max(raw_dev) > 0.1  # raw μ is off unit scale: the statistics had work to do
+    assert torch.allclose(stats.unscale(stats.scale(mu)), mu, atol=1e-5)
+    # On the disjoint held-out region of the photos (other content) the scale is only roughly unit.
+    with torch.no_grad():
+        region = stats.scale(vae.encode(_heldout_images(photo_dirs[1])))
+    print(f"held-out region, scaled latents overall: mean {region.mean():.3f}, std {region.std():.3f}")
+    assert abs(region.mean().item()) < 0.5 and 0.6 < region.std().item() < 1.5
+
+
+def test_layerwise_lr_decay_on_encoder_only():
+    vae = SigmaVAE(SIGMA_VAE_PRESETS["tiny"])  # 2 encoder blocks: layers 0 (embedding), 1, 2, top 3
+    groups = encoder_param_groups(vae, lr=1.0, weight_decay=0.1, layer_decay=0.5)
+    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(vae.named_parameters())
+    assert scale_of[id(named["encoder.patch_embed.weight"])] == 0.5 ** 3
+    assert scale_of[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5 ** 2
+    assert scale_of[id(named["encoder.blocks.1.mlp.0.weight"])] == 0.5
+    assert scale_of[id(named["encoder.to_latent.weight"])] == 1.0
+    assert scale_of[id(named["decoder.blocks.0.attn.qkv.weight"])] == 1.0
+    assert decay_of[id(named["encoder.blocks.0.norm1.weight"])] == 0.0
+    assert decay_of[id(named["decoder.pos_embed"])] == 0.0
+    assert decay_of[id(named["decoder.to_pixels.weight"])] == 0.1
+    assert len({id(p) for g in groups for p in g["params"]}) == len(named)
+
+
+def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(photo_dirs, tmp_path, monkeypatch):
+    cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=6, ckpt_every=2, eval_data="", stats_samples=16,
+                            batch_size=4)
+    model_cfg = SIGMA_VAE_PRESETS["tiny"]
+    crashing = SigmaVAETrainer(model_cfg, cfg)
+    real_step = crashing._train_step
+
+    def crash_at_step_3(images):
+        if crashing.step == 3:
+            raise RuntimeError("simulated node failure")
+        return real_step(images)
+
+    monkeypatch.setattr(crashing, "_train_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated"):
+        crashing.train()
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2
+    assert load_sigma_vae(tmp_path / "sigma_vae.pt").latent_stats is not None
+
+    resumed = SigmaVAETrainer(model_cfg, cfg)
+    assert resumed.step == 2
+    assert torch.equal(resumed.vae.encoder.to_latent.weight, saved["model"]["encoder.to_latent.weight"])
+    resumed.train()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 6
+    with pytest.raises(ValueError, match="different model config"):
+        SigmaVAETrainer(model_cfg.replace(latent_dim=8), cfg)
+
+
+def test_stop_signal_saves_and_exits_at_the_next_step(photo_dirs, tmp_path, monkeypatch):
+    cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=50, ckpt_every=50, eval_data="", stats_samples=16,
+                            batch_size=4)
+    trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
+    real_step = trainer._train_step
+
+    def preempted_at_step_2(images):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm sends before the time limit
+        return real_step(images)
+
+    monkeypatch.setattr(trainer, "_train_step", preempted_at_step_2)
+    previous = signal.getsignal(signal.SIGUSR1)
+    trainer.train()
+    assert trainer.step == 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert signal.getsignal(signal.SIGUSR1) == previous  # handlers restored
+
+
+def test_gan_and_perceptual_losses_switch_on_after_gan_start_step(photo_dirs, tmp_path):
+    vgg = tmp_path / "vgg16.pth"  # torchvision key layout; random weights since none ship offline
+    torch.save({f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}, vgg)
+    cfg = tiny_train_config(*photo_dirs, tmp_path, gan_start_step=2, perceptual_weights=str(vgg), disc_channels=8,
+                            disc_layers=2, batch_size=2)
+    trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
+    images = torch.stack([trainer.train_set[0], trainer.train_set[1]])
+    disc_before = [p.detach().clone() for p in trainer.disc.parameters()]
+    before = trainer._train_step(images)
+    assert "train/perceptual" in before and "train/d_loss" not in before and "train/g_loss" not in before
+    assert all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
+    trainer.step = 2
+    after = trainer._train_step(images)
+    assert np.isfinite(after["train/d_loss"]) and np.isfinite(after["train/g_loss"])
+    assert not all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FAKE_SRUN = """#!/bin/bash
+# Stand-in for srun on a machine without Slurm: drop srun's options, start $SLURM_NTASKS local tasks.
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+exit $status
+"""
+FAKE_SCONTROL = """#!/bin/bash
+[[ "$1 $2" == "show hostnames" ]] && echo 127.0.0.1
+"""
+
+
+def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(photo_dirs, tmp_path):
+    """slurm/train_sigma_vae.sh with 2 CPU tasks (gloo; srun and scontrol replaced by local stand-ins),
+    then a torchrun invocation of the entry point resumes the same run."""
+    out_dir, bin_dir = tmp_path / "run", tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", PYTHONPATH=REPO)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    common = ["--train-data", str(photo_dirs[0]), "--eval-data", str(photo_dirs[1]), "--batch-size", "4",
+              "--ckpt-every", "2", "--eval-every", "2", "--stats-samples", "16", "--num-workers", "0",
+              "--tensorboard", "false"]
+
+    def run(cmd, extra_env):
+        proc = subprocess.run(cmd, env=dict(env, **extra_env), cwd=tmp_path, capture_output=True, text=True,
+                              timeout=240)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    slurm_env = {"PATH": f"{bin_dir}:{env['PATH']}", "SLURM_JOB_NODELIST": "node1", "SLURM_NTASKS": "2",
+                 "SLURM_NNODES": "1", "SLURM_JOB_ID": "1", "MASTER_PORT": str(_free_port()), "REPO_DIR": REPO,
+                 "PYTHON": sys.executable, "OUT_DIR": str(out_dir), "PRESET": "tiny", "WANDB_PROJECT": ""}
+    first = run(["bash", os.path.join(REPO, "slurm", "train_sigma_vae.sh"), "--max-steps", "2"] + common, slurm_env)
+    assert "world size 2" in first and "127.0.0.1" in first
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                os.path.join(REPO, "pretrain", "train_sigma_vae.py"), "--preset", "tiny", "--out-dir", str(out_dir),
+                "--max-steps", "4"] + common
+    second = run(torchrun, {})
+    assert "resumed" in second and "at step 2" in second and "world size 2" in second
+    evals = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert all(e["eval/images"] == 12 for e in evals)  # each rank evaluated half; the counts were summed
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert load_sigma_vae(out_dir / "sigma_vae.pt").latent_stats is not None
