@@ -1,0 +1,148 @@
+"""Pack documents into fixed-length sequences of text ids and latent vectors.
+
+A document (one MDS sample) is a run of ids in which each image appears as
+`<BOD>`, num_latents x `<LATENT>`, `<EOD>`, with its latents (already scaled) alongside, and
+`<END_OF_DOCUMENT>` last. Documents are laid end to end. Text may continue in the next sequence; an
+image run never does: if it does not fit in what is left of a sequence, the rest is padded and the run
+opens the next one. A document with an image run longer than the sequence cannot be packed and is
+skipped (counted in `PackedSequence.skipped` by reason `image_run_longer_than_sequence`).
+
+BATCH CONTRACT (one packed sequence of length s; collate stacks each field into [b, s, ...]):
+    tokens             int64 [s]        input ids; the <LATENT> placeholder where a latent is the input
+    labels             int64 [s]        tokens[i+1]; the last position holds <PAD> and is masked
+    loss_mask          float32 [s]      1 where labels[i] counts for cross-entropy: tokens[i+1] exists, is
+                                        not <LATENT> and not <PAD>. <BOD>/<EOD> are ordinary targets
+    latent_mask        bool [s]         position i holds a latent (its embedding is the latent projection)
+    latents            float32 [s, d]   the latent at input position i (zeros elsewhere), unit-scaled
+    diffusion_mask     float32 [s]      1 where position i+1 holds a latent (h_i gets the diffusion loss)
+    diffusion_targets  float32 [s, d]   latents[i+1] where diffusion_mask, zeros elsewhere
+    position_ids       int64 [s]        0..s-1
+    noise_seed         int64 scalar     from (loader seed, global index and offset of the sequence's first
+                                        document piece): the same sequence gets the same diffusion noise
+                                        under any parallel layout and after any resume
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+BATCH_FIELDS = ("tokens", "labels", "loss_mask", "latent_mask", "latents", "diffusion_mask",
+                "diffusion_targets", "position_ids", "noise_seed")
+IMAGE_RUN_TOO_LONG = "image_run_longer_than_sequence"
+
+
+@dataclass
+class SpecialIds:
+    bod: int
+    eod: int
+    latent: int
+    end_of_document: int
+    pad: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "SpecialIds":
+        ids = manifest["tokenizer"]["special_ids"]
+        return cls(bod=ids["<BOD>"], eod=ids["<EOD>"], latent=ids["<LATENT>"],
+                   end_of_document=ids["<END_OF_DOCUMENT>"], pad=ids["<PAD>"])
+
+
+@dataclass
+class PackableDocument:
+    """One document ready to pack: `index` is its global position in the mixture's sample order."""
+    index: int
+    source: str
+    tokens: np.ndarray  # int32 [n]
+    latents: np.ndarray  # float32 [m, d], one row per <LATENT> in tokens, in order
+    start: int = 0  # offset where packing begins (a document half packed before a resume at another DP size)
+    run_start: np.ndarray = field(init=False)  # int64 [n]: index of the <BOD> for positions inside an image run, else -1
+    latent_before: np.ndarray = field(init=False)  # int64 [n+1]: number of latents before position j
+
+    def mark_runs(self, ids: SpecialIds) -> None:
+        self.run_start = np.full(len(self.tokens), -1, np.int64)
+        bods = np.flatnonzero(self.tokens == ids.bod)
+        eods = np.flatnonzero(self.tokens == ids.eod)
+        if len(bods) != len(eods) or np.any(eods <= bods):
+            raise ValueError(f"document {self.index}: unbalanced <BOD>/<EOD>")
+        for b, e in zip(bods, eods):
+            self.run_start[b:e + 1] = b
+        self.latent_before = np.concatenate([[0], np.cumsum(self.tokens == ids.latent)])
+        if self.latent_before[-1] != len(self.latents):
+            raise ValueError(f"document {self.index}: {self.latent_before[-1]} <LATENT> ids but "
+                             f"{len(self.latents)} latents")
+
+    def longest_run(self) -> int:
+        if not np.any(self.run_start >= 0):
+            return 0
+        starts, counts = np.unique(self.run_start[self.run_start >= 0], return_counts=True)
+        return int(counts.max())
+
+
+@dataclass
+class PackedSequence:
+    fields: dict  # BATCH_FIELDS -> numpy arrays
+    pieces: list  # (document index, start, end) of each document slice in the sequence, in order
+    skipped: list  # (document index, reason) of documents dropped while filling this sequence
+
+
+def pack_documents(next_document, seq_length: int, latent_dim: int, ids: SpecialIds, seed: int,
+                   position: tuple[int, int, PackableDocument | None]):
+    """Fill one sequence of `seq_length` from `next_document()` (which returns the next PackableDocument).
+
+    `position` = (queue position, token offset, current document or None) says where the previous
+    sequence stopped; returns (PackedSequence, new position). Deterministic in its inputs, which is
+    what makes resuming exact: a resumed loader re-reads the document at the saved queue position and
+    continues from the saved offset."""
+    queue_pos, offset, doc = position
+    s = seq_length
+    tokens = np.full(s, ids.pad, np.int64)
+    latents = np.zeros((s, latent_dim), np.float32)
+    pieces, skipped = [], []
+    fill = 0
+    while fill < s:
+        if doc is None:
+            doc = next_document(queue_pos)
+            if doc.longest_run() > s:
+                skipped.append((doc.index, IMAGE_RUN_TOO_LONG))
+                queue_pos, offset, doc = queue_pos + 1, 0, None
+                continue
+            offset = max(offset, doc.start)
+        n = len(doc.tokens)
+        end = min(n, offset + s - fill)
+        if end < n and doc.run_start[end] >= 0 and doc.run_start[end] < end:
+            end = int(doc.run_start[end])  # would cut an image run: stop before its <BOD>
+        if end == offset:
+            break  # the next image run does not fit: pad; it opens the next sequence
+        k = end - offset
+        tokens[fill:fill + k] = doc.tokens[offset:end]
+        la, lb = doc.latent_before[offset], doc.latent_before[end]
+        if lb > la:
+            latents[fill:fill + k][doc.tokens[offset:end] == ids.latent] = doc.latents[la:lb]
+        pieces.append((doc.index, offset, end))
+        fill += k
+        offset = end
+        if offset == n:
+            queue_pos, offset, doc = queue_pos + 1, 0, None
+
+    latent_mask = tokens == ids.latent
+    labels = np.empty_like(tokens)
+    labels[:-1], labels[-1] = tokens[1:], ids.pad
+    loss_mask = np.zeros(s, np.float32)
+    loss_mask[:-1] = (tokens[1:] != ids.latent) & (tokens[1:] != ids.pad)
+    diffusion_mask = np.zeros(s, np.float32)
+    diffusion_mask[:-1] = latent_mask[1:]
+    diffusion_targets = np.zeros_like(latents)
+    diffusion_targets[:-1] = latents[1:]
+    first = pieces[0][:2] if pieces else (-1, 0)
+    noise_seed = int(np.random.SeedSequence([seed, first[0] + 1, first[1]]).generate_state(1, np.uint64)[0] >> 1)
+    fields = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "latent_mask": latent_mask,
+              "latents": latents, "diffusion_mask": diffusion_mask, "diffusion_targets": diffusion_targets,
+              "position_ids": np.arange(s, dtype=np.int64), "noise_seed": np.int64(noise_seed)}
+    return PackedSequence(fields, pieces, skipped), (queue_pos, offset, doc)
+
+
+def collate(sequences: list[PackedSequence]) -> dict[str, torch.Tensor]:
+    """Stack the contract fields of b sequences into tensors [b, s, ...] (noise_seed: [b])."""
+    return {name: torch.from_numpy(np.stack([seq.fields[name] for seq in sequences])) for name in BATCH_FIELDS}

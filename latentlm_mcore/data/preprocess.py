@@ -1,0 +1,339 @@
+"""Raw JSONL documents -> text ids + σ-VAE latents -> MDS shards (DESIGN §4).
+
+The Transformer never runs the VAE: every image is encoded once here. Work is split over a Slurm job
+array (by file, or by line when there are fewer files than tasks: see `iter_raw_lines`), each task
+writes its own part, and `merge_parts` joins finished parts into one streaming dataset per source.
+
+Failure behaviour:
+- A bad document (see schema.REJECT_REASONS) is skipped before anything of it is written, logged with
+  its id and reason to the part's rejects file, and counted in the manifest. The run goes on.
+- A part is written into `*.tmp` folders and renamed when complete; its manifest is written last and
+  marks it done. A task that dies leaves no visible partial part; re-running redoes only unfinished parts.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import os
+import shutil
+import time
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentlm_mcore.data import schema
+from latentlm_mcore.data.schema import RejectedDocument
+from latentlm_mcore.data.streaming_compat import import_streaming
+from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]  # raw JSONL files or globs
+    output: str
+    image_root: str
+    vae_checkpoint: str
+    tokenizer: str = "cl100k_base"
+    num_shards: int = 1  # Slurm array size
+    shard_index: int = 0  # this task's index
+    batch_images: int = 64  # images per σ-VAE forward
+    max_image_pixels: int = 64_000_000  # decompression-bomb limit (width x height)
+    shard_size_limit: int = 1 << 26  # bytes of one MDS shard before compression
+    device: str | None = None  # None: cuda if present
+    threads: int = min(16, os.cpu_count() or 1)  # parse / decode / tokenize in parallel
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+def load_image(path: str, image_root: str, image_size: int, max_pixels: int) -> np.ndarray:
+    """Read one image as float32 [3, S, S] in [-1, 1]: shorter side resized to S, then center-cropped.
+
+    Raises RejectedDocument for a path outside the root, a missing, unreadable or truncated file, or one
+    with more than `max_pixels` pixels (checked from the header, before decoding)."""
+    root = os.path.realpath(image_root)
+    full = os.path.realpath(path if os.path.isabs(path) else os.path.join(root, path))
+    if os.path.commonpath([root, full]) != root:
+        raise RejectedDocument(schema.IMAGE_OUTSIDE_ROOT, f"{path!r} resolves outside the image root {root}")
+    if not os.path.isfile(full):
+        raise RejectedDocument(schema.IMAGE_MISSING, f"{path!r} does not exist")
+    try:
+        with Image.open(full) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise RejectedDocument(schema.IMAGE_TOO_LARGE, f"{path!r} is {w}x{h} > {max_pixels} pixels")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img.load()
+            img = img.convert("RGB")
+    except RejectedDocument:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise RejectedDocument(schema.IMAGE_TOO_LARGE, f"{path!r}: {e}") from None
+    except Image.UnidentifiedImageError as e:
+        raise RejectedDocument(schema.IMAGE_UNREADABLE, f"{path!r}: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = schema.IMAGE_TRUNCATED if "truncated" in str(e).lower() else schema.IMAGE_UNREADABLE
+        raise RejectedDocument(reason, f"{path!r}: {e}") from None
+    scale = image_size / min(w, h)
+    rw, rh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    img = img.resize((rw, rh), Image.BICUBIC)
+    left, top = (rw - image_size) // 2, (rh - image_size) // 2
+    img = img.crop((left, top, left + image_size, top + image_size))
+    arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
+    return arr / 127.5 - 1.0
+
+
+# ------------------------------------------------------------------------------------------ documents
+
+def document_tokens(doc: schema.RawDocument, tokenizer, num_latents: int) -> np.ndarray:
+    """Token ids of one document: text ids, <BOD> <LATENT>*num_latents <EOD> per image, <END_OF_DOCUMENT>."""
+    image_run = [tokenizer.bod_id] + [tokenizer.latent_id] * num_latents + [tokenizer.eod_id]
+    texts = [s["text"] for s in doc.segments if "text" in s]
+    encoded = iter(tokenizer.encode_batch(texts))
+    ids: list[int] = []
+    for seg in doc.segments:
+        ids.extend(next(encoded) if "text" in seg else image_run)
+    ids.append(tokenizer.end_of_document_id)
+    return np.asarray(ids, dtype=np.int32)
+
+
+def iter_raw_lines(inputs: list[str], num_shards: int = 1, shard_index: int = 0):
+    """(file, line number, raw bytes) of this task's documents, from the sorted expansion of the globs.
+
+    With at least as many files as tasks, task k takes whole files k, k + N, ... (it reads nothing
+    else); with fewer, it takes lines k, k + N, ... of their concatenation."""
+    files = sorted({f for pattern in inputs for f in (glob.glob(pattern) or [pattern])})
+    by_file = len(files) >= num_shards
+    index = 0
+    for i, path in enumerate(files):
+        if by_file and i % num_shards != shard_index:
+            continue
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if by_file or index % num_shards == shard_index:
+                    yield path, lineno, line
+                index += 1
+
+
+class _LatentMoments:
+    """Per-channel count / sum / sum of squares in float64, mergeable across parts."""
+
+    def __init__(self, dim: int):
+        self.count, self.sum, self.sumsq = 0, np.zeros(dim), np.zeros(dim)
+
+    def add(self, latents: np.ndarray) -> None:
+        x = latents.reshape(-1, latents.shape[-1]).astype(np.float64)
+        self.count += x.shape[0]
+        self.sum += x.sum(0)
+        self.sumsq += (x * x).sum(0)
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
+
+
+# ------------------------------------------------------------------------------------------- one part
+
+def _part_paths(cfg: PreprocessConfig):
+    name = schema.part_name(cfg.shard_index, cfg.num_shards)
+    parts_dir = os.path.join(cfg.output, "parts")
+    return name, os.path.join(parts_dir, f"{name}.json"), os.path.join(parts_dir, f"{name}.rejects.jsonl")
+
+
+def preprocess_part(cfg: PreprocessConfig) -> dict:
+    """Write this task's part (or return its manifest if already finished)."""
+    from latentlm_mcore.vae import load_sigma_vae
+
+    if not 0 <= cfg.shard_index < cfg.num_shards:
+        raise ValueError(f"shard_index {cfg.shard_index} not in [0, {cfg.num_shards})")
+    name, manifest_path, rejects_path = _part_paths(cfg)
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            return json.load(f)
+    os.makedirs(os.path.dirname(manifest_path), exist_ok=True)
+    for source in schema.SOURCES:  # leftovers of a task that died
+        for suffix in ("", ".tmp"):
+            shutil.rmtree(os.path.join(cfg.output, source, name + suffix), ignore_errors=True)
+
+    MDSWriter = import_streaming().MDSWriter
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vae = load_sigma_vae(cfg.vae_checkpoint).to(device).eval()
+    vcfg = vae.config
+    moments = _LatentMoments(vcfg.latent_dim)
+    writers: dict[str, object] = {}
+    written, tokens_written, rejected = Counter(), Counter(), Counter()
+    images_written = images_read = 0
+    pending: list[tuple[schema.RawDocument, np.ndarray, list[np.ndarray]]] = []
+
+    def writer_for(source: str):
+        if source not in writers:
+            writers[source] = MDSWriter(out=os.path.join(cfg.output, source, name + ".tmp"),
+                                        columns=schema.MDS_COLUMNS, compression="zstd",
+                                        size_limit=cfg.shard_size_limit, progress_bar=False)
+        return writers[source]
+
+    def flush():
+        nonlocal images_written
+        images = [im for _, _, ims in pending for im in ims]
+        latents = np.zeros((0, vcfg.num_latents, vcfg.latent_dim), np.float32)
+        if images:
+            with torch.inference_mode():
+                batch = torch.from_numpy(np.stack(images)).to(device)
+                latents = vae.encode(batch).float().cpu().numpy()
+            moments.add(latents)
+        at = 0
+        for doc, tokens, ims in pending:
+            doc_latents = latents[at:at + len(ims)].reshape(-1, vcfg.latent_dim).astype(np.float16)
+            at += len(ims)
+            writer_for(doc.source).write({"tokens": tokens, "latents": schema.encode_latents(doc_latents), "doc_id": doc.id,
+                                          "source": doc.source})
+            written[doc.source] += 1
+            images_written += len(ims)
+            tokens_written[doc.source] += len(tokens)
+        pending.clear()
+
+    def prepare(item):
+        """Parse, load images, tokenize: one document, in a thread (PIL and tiktoken release the GIL)."""
+        path, lineno, line = item
+        doc = None
+        try:
+            doc = schema.parse_raw_line(line)
+            ims = [load_image(p, cfg.image_root, vcfg.image_size, cfg.max_image_pixels) for p in doc.image_paths]
+            return item, (doc, document_tokens(doc, tokenizer, vcfg.num_latents), ims)
+        except RejectedDocument as e:
+            e.doc_id = e.doc_id or (doc.id if doc else None)
+            return item, e
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc=name, unit="doc", disable=not cfg.progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    lines = iter_raw_lines(cfg.inputs, cfg.num_shards, cfg.shard_index)
+    with open(rejects_path + ".tmp", "w") as rejects, ThreadPoolExecutor(cfg.threads) as pool:
+        while chunk := list(itertools.islice(lines, 4 * cfg.batch_images)):
+            for (path, lineno, _), result in pool.map(prepare, chunk):
+                if isinstance(result, RejectedDocument):
+                    rejected[result.reason] += 1
+                    doc_id = result.doc_id or f"{os.path.basename(path)}:{lineno}"
+                    rejects.write(json.dumps({"id": doc_id, "reason": result.reason, "detail": result.detail,
+                                              "file": path, "line": lineno}) + "\n")
+                else:
+                    pending.append(result)
+                    images_read += len(result[2])
+                    if len(pending) >= 4 * cfg.batch_images or sum(len(p[2]) for p in pending) >= cfg.batch_images:
+                        flush()
+                bar.update(1)
+            dt = max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(docs_s=f"{bar.n / dt:.1f}", images_s=f"{images_read / dt:.1f}",
+                            rejected=sum(rejected.values()))
+        flush()
+    bar.close()
+    for source, writer in writers.items():
+        writer.finish()
+        os.replace(os.path.join(cfg.output, source, name + ".tmp"), os.path.join(cfg.output, source, name))
+    os.replace(rejects_path + ".tmp", rejects_path)
+
+    stats = vae.latent_stats
+    manifest = {
+        "part": name,
+        "tokenizer": tokenizer.describe(),
+        "vae": {"sha256": sha256_file(cfg.vae_checkpoint), "image_size": vcfg.image_size,
+                "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents},
+        "latent_dim": vcfg.latent_dim,
+        "tokens_per_image": vcfg.num_latents,
+        "vae_latent_stats": None if stats is None else {"mean": np.asarray(stats.mean).tolist(),
+                                                        "std": np.asarray(stats.std).tolist()},
+        "latent_moments": moments.to_dict(),
+        "documents_written": dict(written),
+        "tokens_written": dict(tokens_written),
+        "images_written": images_written,
+        "documents_rejected": dict(rejected),
+        "seconds": time.perf_counter() - start,
+    }
+    schema.write_json_atomic(manifest_path, manifest)  # last: marks the part finished
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------- merge
+
+def merge_parts(output: str, num_shards: int) -> dict:
+    """Join finished parts: one streaming `index.json` per source and the dataset manifest.
+
+    Raises if a part is missing or parts disagree on tokenizer / σ-VAE (they would not mix)."""
+    parts = []
+    missing = []
+    for i in range(num_shards):
+        path = os.path.join(output, "parts", schema.part_name(i, num_shards) + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                parts.append(json.load(f))
+        else:
+            missing.append(schema.part_name(i, num_shards))
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} parts unfinished in {output}: {', '.join(missing[:8])}")
+    first = parts[0]
+    for p in parts[1:]:
+        for key in ("tokenizer", "vae"):
+            if p[key] != first[key]:
+                raise ValueError(f"{p['part']} has a different {key} than {first['part']}")
+
+    sources = {}
+    for source in schema.SOURCES:
+        shards = []
+        for p in parts:
+            index_path = os.path.join(output, source, p["part"], "index.json")
+            if not os.path.exists(index_path):
+                continue
+            with open(index_path) as f:
+                for shard in json.load(f)["shards"]:
+                    for key in ("raw_data", "zip_data"):
+                        if shard.get(key):
+                            shard[key]["basename"] = f"{p['part']}/{shard[key]['basename']}"
+                    shards.append(shard)
+        if shards:
+            schema.write_json_atomic(os.path.join(output, source, "index.json"), {"version": 2, "shards": shards})
+            sources[source] = sum(p["documents_written"].get(source, 0) for p in parts)
+
+    count = sum(p["latent_moments"]["count"] for p in parts)
+    if first["vae_latent_stats"] is not None:
+        latent_stats = dict(first["vae_latent_stats"], **{"from": "vae_checkpoint"})
+    elif count:
+        s = np.sum([p["latent_moments"]["sum"] for p in parts], axis=0)
+        ss = np.sum([p["latent_moments"]["sumsq"] for p in parts], axis=0)
+        mean = s / count
+        latent_stats = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(ss / count - mean ** 2, 1e-12)).tolist(),
+                        "from": "computed_over_dataset"}
+    else:
+        latent_stats = None  # text only: nothing to scale
+
+    def total(key):
+        c = Counter()
+        for p in parts:
+            c.update(p[key])
+        return dict(c)
+
+    manifest = {
+        "tokenizer": first["tokenizer"],
+        "vae": first["vae"],
+        "latent_dim": first["latent_dim"],
+        "tokens_per_image": first["tokens_per_image"],
+        "latent_stats": latent_stats,
+        "sources": sources,
+        "documents_written": total("documents_written"),
+        "tokens_written": total("tokens_written"),
+        "images_written": sum(p["images_written"] for p in parts),
+        "documents_rejected": total("documents_rejected"),
+        "num_parts": num_shards,
+    }
+    schema.write_json_atomic(os.path.join(output, schema.MANIFEST_NAME), manifest)
+    return manifest

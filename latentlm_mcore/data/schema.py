@@ -1,0 +1,142 @@
+"""The data formats of DESIGN §4, in one place.
+
+Raw JSONL (what `data_prep/` writes, what preprocessing reads), one document per line:
+    {"id": str, "source": "text" | "pair" | "interleaved", "segments": [{"text": str} | {"image": path}]}
+Image paths are relative to one image root (absolute paths must lie inside it).
+
+Pre-encoded MDS sample (one document), see `MDS_COLUMNS`:
+    tokens   int32[n]            text ids; <BOD>, num_latents x <LATENT>, <EOD> around each image;
+                                 <END_OF_DOCUMENT> last
+    latents  float16[m, latent_dim]  every image's σ-VAE latents (unscaled μ), in order; m = images x num_latents.
+                                 Stored as the array's raw little-endian bytes: MDS cannot encode an empty
+                                 ndarray, and text documents have m = 0. `decode_latents` reads it back.
+    doc_id   str
+    source   str
+
+Output folder of preprocessing:
+    <out>/<source>/part-XXXXX-of-YYYYY/   MDS shards of one Slurm array task, one folder per source
+    <out>/<source>/index.json            written by the merge step: one streaming dataset per source
+    <out>/parts/part-XXXXX-of-YYYYY.json  a finished task's manifest (its presence = the part is done)
+    <out>/parts/part-XXXXX-of-YYYYY.rejects.jsonl  one line per skipped document: id, reason, detail
+    <out>/manifest.json                  merged manifest (see `merge_manifests`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+SOURCES = ("text", "pair", "interleaved")
+MDS_COLUMNS = {"tokens": "ndarray:int32", "latents": "bytes", "doc_id": "str", "source": "str"}
+MANIFEST_NAME = "manifest.json"
+
+# Why a document was skipped. The manifest counts documents per reason.
+INVALID_JSON = "invalid_json"
+INVALID_SCHEMA = "invalid_schema"
+EMPTY_DOCUMENT = "empty_document"
+DUPLICATE_ID = "duplicate_id"
+IMAGE_MISSING = "image_missing"
+IMAGE_OUTSIDE_ROOT = "image_outside_root"
+IMAGE_UNREADABLE = "image_unreadable"
+IMAGE_TRUNCATED = "image_truncated"
+IMAGE_TOO_LARGE = "image_too_large"
+REJECT_REASONS = (INVALID_JSON, INVALID_SCHEMA, EMPTY_DOCUMENT, DUPLICATE_ID, IMAGE_MISSING,
+                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE)
+
+
+class RejectedDocument(Exception):
+    """A document that is skipped; `reason` is one of REJECT_REASONS."""
+
+    def __init__(self, reason: str, detail: str, doc_id: str | None = None):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.doc_id = doc_id  # when the line has a usable id, even if the rest is bad
+
+
+@dataclass
+class RawDocument:
+    id: str
+    source: str
+    segments: list[dict]  # each {"text": str} or {"image": str}
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [s["image"] for s in self.segments if "image" in s]
+
+    def to_json(self) -> str:
+        return json.dumps({"id": self.id, "source": self.source, "segments": self.segments}, ensure_ascii=False)
+
+
+def parse_raw_line(line: bytes | str) -> RawDocument:
+    """Parse and validate one raw JSONL line; raise RejectedDocument saying what is wrong."""
+    try:
+        obj = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RejectedDocument(INVALID_JSON, str(e)[:200]) from None
+    if not isinstance(obj, dict):
+        raise RejectedDocument(INVALID_SCHEMA, f"line is a JSON {type(obj).__name__}, not an object")
+    doc_id = obj.get("id")
+    if not isinstance(doc_id, str) or not doc_id:
+        raise RejectedDocument(INVALID_SCHEMA, "'id' must be a non-empty string")
+    try:
+        return _validate(doc_id, obj)
+    except RejectedDocument as e:
+        e.doc_id = doc_id
+        raise
+
+
+def _validate(doc_id: str, obj: dict) -> RawDocument:
+    if obj.get("source") not in SOURCES:
+        raise RejectedDocument(INVALID_SCHEMA, f"'source' must be one of {SOURCES}, got {obj.get('source')!r}")
+    segments = obj.get("segments")
+    if not isinstance(segments, list):
+        raise RejectedDocument(INVALID_SCHEMA, "'segments' must be a list")
+    kept = []
+    for i, seg in enumerate(segments):
+        if isinstance(seg, dict) and set(seg) == {"text"} and isinstance(seg["text"], str):
+            try:
+                seg["text"].encode("utf-8")  # JSON escapes can smuggle in lone surrogates
+            except UnicodeEncodeError as e:
+                raise RejectedDocument(INVALID_SCHEMA, f"segment {i} text is not valid Unicode: {e}") from None
+            if seg["text"]:
+                kept.append(seg)
+        elif isinstance(seg, dict) and set(seg) == {"image"} and isinstance(seg["image"], str) and seg["image"]:
+            kept.append(seg)
+        else:
+            raise RejectedDocument(INVALID_SCHEMA, f"segment {i} is not {{'text': str}} or {{'image': path}}")
+    if not kept:
+        raise RejectedDocument(EMPTY_DOCUMENT, "no text and no image")
+    return RawDocument(id=doc_id, source=obj["source"], segments=kept)
+
+
+def encode_latents(latents) -> bytes:
+    import numpy as np
+
+    return np.ascontiguousarray(latents, dtype="<f2").tobytes()
+
+
+def decode_latents(data: bytes, latent_dim: int):
+    import numpy as np
+
+    return np.frombuffer(data, dtype="<f2").reshape(-1, latent_dim)
+
+
+def part_name(shard_index: int, num_shards: int) -> str:
+    return f"part-{shard_index:05d}-of-{num_shards:05d}"
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(dataset_root: str) -> dict:
+    with open(os.path.join(dataset_root, MANIFEST_NAME)) as f:
+        return json.load(f)

