@@ -8,6 +8,7 @@ into these; the library never reads a command line.
 from __future__ import annotations
 
 import copy
+from dataclasses import MISSING as dataclasses_MISSING
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Literal
 
@@ -77,6 +78,32 @@ class ParallelConfig:
     sequence_parallel: bool = False
     virtual_pipeline_parallel: int | None = None
     distributed_optimizer: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Where a pretraining run reads and writes, how often, and with which numerics."""
+    data: str | None = None  # tools/preprocess_interleaved.py output; None = random batches (benchmarks)
+    eval_data: str | None = None  # held-out preprocessed folder for periodic evaluation
+    save: str = "runs/latentlm"  # checkpoints, metrics.jsonl, loss_curve.png, TensorBoard / wandb logs
+    load: str | None = None  # resume from here; default: the latest checkpoint in `save`, if any
+    data_cache: str | None = None  # node-local cache for remote (s3://...) datasets; local paths are read in place
+    proportions: str = "text=2,pair=1,interleaved=1"
+    condition_dropout: float = 0.1  # drop a pair's caption with this probability (classifier-free guidance)
+    num_workers: int = 2  # document-reading processes per rank
+    log_interval: int = 10
+    save_interval: int = 1000
+    eval_interval: int = 1000
+    eval_iters: int = 10  # micro-batches per rank per evaluation
+    keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
+    exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    fp8: Literal["e4m3", "hybrid"] | None = None  # Transformer Engine FP8 for the backbone's linear layers
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    recompute: Literal["selective", "full"] | None = None  # activation recomputation
+    wandb_project: str | None = None  # wandb logging; offline unless WANDB_MODE / WANDB_API_KEY say otherwise
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # per device, for MFU; default: looked up from the GPU name
 
 
 @dataclass
@@ -174,6 +201,28 @@ def apply_overrides(cfg, overrides: dict[str, str]):
     return cfg
 
 
+def add_config_arguments(parser, cls, prefix: str = "") -> None:
+    """One command-line option per field of dataclass `cls` (`--{prefix}{field}`), default None
+    (= keep the preset's value); Literal fields get choices. Read back with `config_overrides`."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        hint = hints[f.name]
+        choices = [a for a in typing.get_args(hint) if a is not type(None)]
+        literal = [c for a in choices for c in (typing.get_args(a) if typing.get_origin(a) is Literal else ())]
+        if typing.get_origin(hint) is Literal:
+            literal = list(typing.get_args(hint))
+        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix}{f.name}", default=None,
+                            choices=literal or None, metavar=None if literal else f.name.upper(),
+                            help=f"(default: {f.default if f.default is not dataclasses_MISSING else 'preset'})")
+
+
+def config_overrides(args, prefix: str = "") -> dict:
+    """The options given on the command line for fields with `prefix`, as {field: raw string}."""
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
+
+
 def _parse_like(current, raw: str, key: str):
     if not isinstance(raw, str):
         return raw
@@ -186,13 +235,15 @@ def _parse_like(current, raw: str, key: str):
             return int(raw)
         if isinstance(current, float):
             return float(raw)
-        if current is None:
+        if current is None:  # optional field: a number if it reads as one, else the text
             if raw.lower() == "none":
                 return None
-            try:
-                return int(raw)
-            except ValueError:
-                return float(raw)
+            for parse in (int, float):
+                try:
+                    return parse(raw)
+                except ValueError:
+                    pass
+            return raw
     except ValueError:
         raise ValueError(f"config key {key!r}: cannot parse {raw!r} as {type(current).__name__}") from None
     return raw

@@ -1,10 +1,13 @@
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,27 +19,132 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(script: Path, nproc: int, args: list[str], tmp_path: Path, timeout: int = 900) -> str:
-    """Run `script` under torchrun with `nproc` CPU processes (gloo); TMPDIR is private to the test
-    and the whole process group is killed on timeout. Returns the combined output; raises on failure."""
+def _torchrun(script: Path, nproc: int, args: list[str], tmp_path: Path):
     tmp = tmp_path / "tmp"
     tmp.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(tmp), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+           f"--master-port={free_port()}", str(script), *map(str, args)]
+    return cmd, env
+
+
+def spawn_torchrun(script: Path, nproc: int, args: list[str], tmp_path: Path, log: Path) -> subprocess.Popen:
+    """Start `script` under torchrun, output to `log` (stop it with `kill_tree`). TMPDIR is private
+    to the test."""
+    cmd, env = _torchrun(script, nproc, args, tmp_path)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Signal `proc` and all its descendants (torchrun starts its workers in sessions of their own,
+    so signalling the process group would miss them), then reap it."""
+    import psutil
+
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        root = psutil.Process(proc.pid)
+        everyone = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        everyone = []
+    for p in everyone:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=120)
+    if sig == signal.SIGKILL:
+        psutil.wait_procs(everyone, timeout=60)
+
+
+def run_torchrun(script: Path, nproc: int, args: list[str], tmp_path: Path, timeout: int = 900) -> str:
+    """Run `script` under torchrun with `nproc` CPU processes (gloo) to completion; the process group
+    is killed on timeout. Returns the combined output; raises with its tail on failure."""
+    log = tmp_path / f"torchrun-{time.time_ns()}.log"
+    proc = spawn_torchrun(script, nproc, args, tmp_path, log)
+    try:
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{script.name} timed out after {timeout}s:\n{out[-5000:]}")
+        kill_tree(proc)
+        raise AssertionError(f"{Path(script).name} timed out after {timeout}s:\n{log.read_text()[-5000:]}")
+    out = log.read_text()
     if proc.returncode != 0:
-        raise AssertionError(f"{script.name} failed with exit code {proc.returncode}:\n{out[-8000:]}")
+        raise AssertionError(f"{Path(script).name} failed with exit code {proc.returncode}:\n{out[-8000:]}")
     return out
 
 
-@pytest.fixture
-def torchrun():
-    return run_torchrun
+# ---------------------------------------------------------------- a small real dataset
+WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no will can more other into some "
+         "digit seven image picture drawing written handwritten number small large bright dark photo flower "
+         "temple sky garden water river model train data token latent diffusion next sequence").split()
+
+
+def tiny_raw_documents(image_root: Path, n_text=30, n_pair=30, n_interleaved=16, seed=0) -> list[dict]:
+    """Text, image-caption pairs and interleaved documents over real images (scikit-learn's sample
+    photos and handwritten digits, written as files under `image_root`)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits, load_sample_images
+
+    image_root.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, img in enumerate(load_sample_images().images):
+        Image.fromarray(img).save(image_root / f"photo{i}.jpg", quality=90)
+        names.append(f"photo{i}.jpg")
+    for i, d in enumerate(load_digits().images[:8]):
+        arr = (d * (255 / 16)).astype(np.uint8)
+        Image.fromarray(np.stack([arr] * 3, -1)).resize((32, 32)).save(image_root / f"digit{i}.png")
+        names.append(f"digit{i}.png")
+    rng = np.random.default_rng(seed)
+    text = lambda n: " ".join(rng.choice(WORDS, n))  # noqa: E731
+    docs = [{"id": f"text-{i}", "source": "text", "segments": [{"text": text(int(rng.integers(20, 150)))}]}
+            for i in range(n_text)]
+    docs += [{"id": f"pair-{i}", "source": "pair",
+              "segments": [{"text": text(int(rng.integers(3, 10)))}, {"image": str(rng.choice(names))}]}
+             for i in range(n_pair)]
+    for i in range(n_interleaved):
+        segs = []
+        for _ in range(int(rng.integers(1, 3))):
+            segs += [{"text": text(int(rng.integers(5, 30)))}, {"image": str(rng.choice(names))}]
+        docs.append({"id": f"interleaved-{i}", "source": "interleaved", "segments": segs + [{"text": text(5)}]})
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """Real MDS shards made by the real preprocessing (cl100k tokenizer, a tiny random sigma-VAE with
+    16 latents of dim 16 per image) from `tiny_raw_documents`. Returns the dataset folder."""
+    import torch
+
+    from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+    from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAE, save_sigma_vae
+
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    torch.manual_seed(0)
+    save_sigma_vae(root / "vae.pt", SigmaVAE(SIGMA_VAE_PRESETS["tiny"]))
+    docs = tiny_raw_documents(root / "images")
+    with open(root / "raw.jsonl", "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    out = root / "mds"
+    preprocess_part(PreprocessConfig(inputs=[str(root / "raw.jsonl")], output=str(out), image_root=str(root / "images"),
+                                     vae_checkpoint=str(root / "vae.pt"), progress=False))
+    merge_parts(str(out), 1)
+    return out
+
+
+# ---------------------------------------------------------------- a real one-node Slurm
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm (munged, slurmctld, slurmd from Debian's packages) started for the session.
+    Yields the environment to run Slurm commands with; stops the daemons by PID afterwards."""
+    state = tmp_path_factory.mktemp("slurm")
+    env = dict(os.environ, STATE=str(state))
+    start = subprocess.run(["bash", str(REPO / "tests/slurm_cluster/start.sh")], env=env, capture_output=True,
+                           text=True, timeout=180)
+    if start.returncode != 0:
+        pytest.fail("could not start the local Slurm (CI installs slurmctld slurmd slurm-client munge):\n"
+                    + start.stdout + start.stderr)
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    yield env
+    subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+    time.sleep(1)
+    subprocess.run(["bash", str(REPO / "tests/slurm_cluster/stop.sh")], env=env, capture_output=True)

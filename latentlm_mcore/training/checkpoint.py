@@ -1,15 +1,40 @@
-"""Distributed checkpoints of the model with megatron.core.dist_checkpointing.
+"""Distributed checkpoints with megatron.core.dist_checkpointing.
 
-A checkpoint saved at one TP/PP layout loads at any other: every tensor is stored by its global
-(unsharded) name and offsets.
+Layout of a save directory:
+  <save>/latest                          "iter_0000100": the newest complete checkpoint
+  <save>/iter_0000100/                   the dist checkpoint: "model" (sharded), "optimizer" (sharded,
+                                         fully reshardable), "rng_state" (per rank), common state
+                                         (iteration, consumed tokens, scheduler, data-loader states)
+  <save>/iter_0000100/run_config.json    the LatentLMConfig of the run (+ tokenizer / VAE info)
+
+Every tensor is stored by its global name and offsets, so a checkpoint loads at any TP/PP/DP.
+A checkpoint is written to `iter_N.tmp/` and published by renaming it and then replacing `latest`
+(each an atomic rename), so a crash mid-save leaves the previous checkpoint loadable; older
+checkpoints beyond `keep_last` are deleted only after that.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import random
+import shutil
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
+
+from latentlm_mcore.compat import materialize_optimizer_state
+
+RUN_CONFIG = "run_config.json"
+LATEST = "latest"
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dirname(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -19,7 +44,14 @@ def model_sharded_state_dict(chunks) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _load_model_state(chunks, loaded: dict) -> None:
+    chunks = unwrap_model(chunks)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+
+
 def save_model(chunks, directory: str) -> None:
+    """The model alone (no optimizer): for tests and exports."""
     if torch.distributed.get_rank() == 0:
         os.makedirs(directory, exist_ok=True)
     torch.distributed.barrier()
@@ -29,30 +61,132 @@ def save_model(chunks, directory: str) -> None:
 def load_model(chunks, directory: str) -> None:
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint")
-    loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
-    chunks = unwrap_model(chunks)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+    _load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), directory))
 
 
-# ---------------------------------------------------------------- layout of a save directory
-#   <save>/latest                    "iter_0000100": the newest complete checkpoint
-#   <save>/iter_0000100/             megatron dist checkpoint ("model", "optimizer", ... keys)
-#   <save>/iter_0000100/run_config.json   the LatentLMConfig of the run (+ data/tokenizer/VAE info)
+def shield_checkpoint_writer_from_signals() -> None:
+    """Start megatron's checkpoint-writer helper process with SIGTERM / SIGUSR1 ignored.
 
-RUN_CONFIG = "run_config.json"
-LATEST = "latest"
+    dist_checkpointing's torch_dist writer reports through a multiprocessing Manager that it spawns
+    on first use. On preemption Slurm signals every process of the job step; a Manager spawned with
+    default handlers dies, and the checkpoint that the signal asked for fails with BrokenPipeError.
+    An ignored disposition survives the spawn, so the Manager lives until the save is done (and is
+    SIGKILLed with the step, or shut down at exit). Call once, before the first save.
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def iteration_dirname(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
+# ---------------------------------------------------------------- RNG
+def _layout() -> dict:
+    return {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
 
 
+def _rng_sharded_object() -> ShardedObject:
+    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", state, (_layout()["pp"], _layout()["tp"], _layout()["dp"]),
+                         (parallel_state.get_pipeline_model_parallel_rank(),
+                          parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_data_parallel_rank()), replica_id=0)
+
+
+def _restore_rng(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# ---------------------------------------------------------------- full training state
+def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler, common: dict, cfg,
+                    run_extra: dict | None = None, keep_last: int | None = None) -> str:
+    """Save model, optimizer, scheduler, RNG and `common` (iteration, consumed tokens, data-loader
+    states: must be identical on every rank) as checkpoint `iteration`; publish it atomically."""
+    final = os.path.join(save_dir, iteration_dirname(iteration))
+    tmp = final + ".tmp"
+    rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
+        os.makedirs(tmp)
+    torch.distributed.barrier()
+    state = model_sharded_state_dict(chunks)
+    model_state = dict(state)
+    state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
+    state["rng_state"] = _rng_sharded_object()
+    state["scheduler"] = scheduler.state_dict()
+    state["common"] = dict(common, iteration=iteration, layout=_layout())
+    dist_checkpointing.save(state, tmp)
+    torch.distributed.barrier()
+    if rank0:
+        save_run_config(tmp, cfg, run_extra)
+        if os.path.exists(final):  # the same iteration saved again (e.g. after a resume)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(save_dir, os.path.basename(final))
+        _prune(save_dir, keep_last or len(os.listdir(save_dir)))
+    torch.distributed.barrier()
+    return final
+
+
+def _write_latest(save_dir: str, name: str) -> None:
+    tmp = os.path.join(save_dir, LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(save_dir, LATEST))
+
+
+def _prune(save_dir: str, keep_last: int) -> None:
+    """Delete checkpoints beyond the newest `keep_last`, and debris of saves that crashed."""
+    names = os.listdir(save_dir)
+    done = sorted(d for d in names if d.startswith("iter_") and not d.endswith(".tmp"))
+    debris = [d for d in names if d.startswith("iter_") and d.endswith(".tmp")]
+    for old in done[:-keep_last] + debris:
+        shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
+
+
+def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
+    """Load a checkpoint directory (see `resolve_checkpoint`) into the model chunks and, when given,
+    the optimizer and scheduler, at any layout. RNG states are restored when the layout is the
+    saving one. Returns the common state (iteration, consumed tokens, data-loader states, ...)."""
+    common = dist_checkpointing.load_common_state_dict(path)["common"]
+    state = model_sharded_state_dict(chunks)
+    model_state = dict(state)
+    if optimizer is not None:
+        materialize_optimizer_state(optimizer)  # megatron needs existing state to describe the load
+        state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True, metadata=OPTIMIZER_METADATA)
+    same_layout = common["layout"] == _layout()
+    if same_layout:
+        state["rng_state"] = _rng_sharded_object()
+    loaded = dist_checkpointing.load(state, path)
+    _load_model_state(chunks, loaded)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(dist_checkpointing.load_common_state_dict(path)["scheduler"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    return common
+
+
+# ---------------------------------------------------------------- run config and discovery
 def save_run_config(directory: str, cfg, extra: dict | None = None) -> None:
     """Write the run's LatentLMConfig (and `extra`, e.g. tokenizer / sigma-VAE info) as JSON."""
-    import dataclasses
-    import json
-
     payload = {"config": dataclasses.asdict(cfg), "extra": extra or {}}
     tmp = os.path.join(directory, RUN_CONFIG + ".tmp")
     with open(tmp, "w") as f:
@@ -62,8 +196,6 @@ def save_run_config(directory: str, cfg, extra: dict | None = None) -> None:
 
 def load_run_config(directory: str):
     """(LatentLMConfig, extra dict) from a checkpoint directory's run_config.json."""
-    import json
-
     from latentlm_mcore.config import LatentLMConfig, ModelConfig, ParallelConfig, TrainConfig
 
     path = os.path.join(directory, RUN_CONFIG)
@@ -94,3 +226,11 @@ def resolve_checkpoint(save_dir: str, iteration: int | None = None) -> str:
     if not dist_checkpointing.check_is_distributed_checkpoint(path) or not os.path.isfile(os.path.join(path, RUN_CONFIG)):
         raise FileNotFoundError(f"{path}: missing or incomplete checkpoint")
     return path
+
+
+def latest_checkpoint(save_dir: str) -> str | None:
+    """The latest complete checkpoint in `save_dir`, or None when there is none yet."""
+    try:
+        return resolve_checkpoint(save_dir)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,274 @@
+"""The pretraining loop on Megatron-Core.
+
+`pretrain(cfg, run)`: process groups -> model chunks (pipeline stages, virtual stages) -> optional
+Float16Module (BF16) -> megatron DDP -> distributed optimizer -> warmup + cosine scheduler -> data
+(one packed loader per data-parallel rank; TP/PP peers read the same documents) -> resume from the
+latest checkpoint -> steps with logging, evaluation, checkpoints, and a clean save-and-exit on
+SIGTERM / SIGUSR1 (Slurm preemption).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import signal
+import time
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from latentlm_mcore.config import LatentLMConfig, RunConfig
+from latentlm_mcore.model import build_model, transformer_config
+from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
+                                                shield_checkpoint_writer_from_signals)
+from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
+from latentlm_mcore.training.flops import head_forward_flops, training_flops
+from latentlm_mcore.training.metrics import MetricsLogger, device_peak_tflops
+from latentlm_mcore.training.step import build_optimizer, evaluate, train_step, wrap_with_ddp
+from latentlm_mcore.training.synthetic import random_packed_batch
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 set a flag; the loop checks it (agreed over all ranks) after each step."""
+
+    def __init__(self):
+        self.received = None
+        shield_checkpoint_writer_from_signals()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0],
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def params_dtype(run: RunConfig) -> torch.dtype:
+    if run.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[run.precision]
+
+
+def numerics_overrides(run: RunConfig) -> dict:
+    """TransformerConfig fields for FP8 (Transformer Engine, backbone linears only: the diffusion head
+    and latent projection are plain torch modules) and activation recomputation."""
+    out = {}
+    if run.fp8:
+        out.update(fp8=run.fp8, fp8_recipe=run.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
+                   fp8_amax_compute_algo="max")
+    if run.recompute == "full":
+        out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif run.recompute == "selective":
+        out.update(recompute_granularity="selective")
+    return out
+
+
+def build_model_chunks(cfg: LatentLMConfig, run: RunConfig):
+    dtype = params_dtype(run)
+    config = transformer_config(cfg.model, cfg.parallel, params_dtype=dtype, **numerics_overrides(run))
+    vpp = cfg.parallel.virtual_pipeline_parallel
+    chunks = [build_model(cfg.model, config, vp_stage=i if vpp else None) for i in range(vpp or 1)]
+    if torch.cuda.is_available():
+        chunks = [c.cuda() for c in chunks]
+    if dtype != torch.float32:
+        chunks = [Float16Module(config, c) for c in chunks]
+    return config, chunks, dtype
+
+
+def build_scheduler(optimizer, cfg: LatentLMConfig) -> OptimizerParamScheduler:
+    t = cfg.train
+    if not 0 <= t.warmup_steps < t.train_steps:
+        raise ValueError(f"train.warmup_steps ({t.warmup_steps}) must be below train.train_steps ({t.train_steps})")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
+        lr_decay_steps=t.train_steps, lr_decay_style="cosine", start_wd=t.weight_decay, end_wd=t.weight_decay,
+        wd_incr_steps=t.train_steps, wd_incr_style="constant")
+
+
+def parse_proportions(text: str) -> dict:
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"proportions: {item!r} is not name=number") from None
+    return out
+
+
+class DataStream:
+    """Micro-batches for this rank: the packed loader of its DP rank, or seeded random batches."""
+
+    def __init__(self, cfg: LatentLMConfig, run: RunConfig, root: str | None, micro_batch_size: int, seed: int):
+        self.cfg = cfg
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.dp_rank, self.dp_size, self.mbs, self.seed = dp_rank, dp_size, micro_batch_size, seed
+        self.loader = None
+        self.random_batches_served = 0
+        if root is not None:
+            from latentlm_mcore.data.mixture import LoaderConfig, MixtureConfig, PackedLoader, StreamMixture
+
+            cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
+            mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache,
+                                                  proportions=parse_proportions(run.proportions), seed=seed))
+            if mixture.latent_dim != cfg.model.latent_dim:
+                raise ValueError(f"{root}: latents have dim {mixture.latent_dim}, the model expects "
+                                 f"{cfg.model.latent_dim} (model.latent_dim)")
+            self.loader = PackedLoader(mixture, LoaderConfig(
+                seq_length=cfg.model.seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                dp_world_size=dp_size, condition_dropout=run.condition_dropout, num_workers=run.num_workers))
+
+    def __iter__(self):
+        if self.loader is not None:
+            yield from self.loader
+            return
+        m = self.cfg.model
+        while True:  # random batches, distinct per DP rank and step: throughput measurements only
+            index = self.random_batches_served * self.dp_size + self.dp_rank
+            self.random_batches_served += 1
+            yield random_packed_batch(self.mbs, m.seq_length, m.vocab_size, m.latent_dim,
+                                      num_latents=min(256, m.seq_length // 4), images_per_sequence=1,
+                                      seed=self.seed * 1_000_003 + index)
+
+    def state_dicts(self) -> list:
+        """This position for every DP rank (same list on all ranks), for the checkpoint."""
+        mine = self.loader.state_dict() if self.loader is not None else {"random_batches_served": self.random_batches_served}
+        states = [None] * self.dp_size
+        torch.distributed.all_gather_object(states, mine, group=parallel_state.get_data_parallel_group())
+        return states
+
+    def load_state_dicts(self, states: list) -> None:
+        if self.loader is not None:
+            self.loader.load_state_dict(states)
+        else:
+            self.random_batches_served = states[0]["random_batches_served"] * len(states) // self.dp_size
+
+
+class CountingIterator:
+    """Passes micro-batches through and counts their diffusion targets (for model FLOPs)."""
+
+    def __init__(self, it):
+        self.it, self.latent_targets = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.latent_targets += int(batch["diffusion_mask"].sum())
+        return batch
+
+
+def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
+    """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
+    summary: final iteration, why it stopped, the last logged metrics."""
+    t, p = cfg.train, cfg.parallel
+    init_distributed(p, seed=t.seed)
+    preempt = PreemptionFlag()
+    rank0 = torch.distributed.get_rank() == 0
+    dp = parallel_state.get_data_parallel_world_size()
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
+                         f"{t.micro_batch_size} x data-parallel size {dp}")
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+
+    config, chunks, dtype = build_model_chunks(cfg, run)
+    chunks = wrap_with_ddp(chunks, p)
+    for chunk in chunks:
+        chunk.broadcast_params()  # identical replicas across DP from the start
+    optimizer = build_optimizer(chunks, t, p, params_dtype=dtype)
+    scheduler = build_scheduler(optimizer, cfg)
+    data = DataStream(cfg, run, run.data, t.micro_batch_size, t.seed)
+
+    iteration, consumed_tokens = 0, 0
+    load_dir = run.load or run.save
+    resume_from = resolve_checkpoint(run.load) if run.load else latest_checkpoint(run.save)
+    if resume_from is not None:
+        common = load_checkpoint(resume_from, chunks, optimizer, scheduler)
+        iteration, consumed_tokens = common["iteration"], common["consumed_tokens"]
+        data.load_state_dicts(common["data"])
+        if rank0:
+            print(f"resumed from {resume_from} at iteration {iteration} ({consumed_tokens:,} tokens)", flush=True)
+    elif run.load:
+        raise FileNotFoundError(f"--load {load_dir}: no checkpoint there")
+
+    # every model chunk (virtual pipeline stage) reads the whole micro-batch stream
+    stream = CountingIterator(iter(data))
+    per_chunk = list(itertools.tee(stream, len(chunks))) if len(chunks) > 1 else [stream]
+    logger = MetricsLogger(run.save, run, cfg.name, dataclasses.asdict(cfg), iteration, t.train_steps) if rank0 else None
+    peak = device_peak_tflops(run.peak_tflops)
+    world = torch.distributed.get_world_size()
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    run_extra = {"data": run.data}
+
+    def checkpoint():
+        common = {"consumed_tokens": consumed_tokens, "data": data.state_dicts()}
+        save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last)
+        if logger is not None:
+            logger.plot()
+
+    stop_reason, last = "finished", {}
+    start_iteration = iteration
+    window_t, window_steps, window_latents = time.time(), 0, 0
+    while iteration < t.train_steps:
+        before = stream.latent_targets
+        result = train_step(chunks, optimizer, per_chunk if len(per_chunk) > 1 else per_chunk[0],
+                            num_microbatches, cfg.model.seq_length, t.micro_batch_size)
+        scheduler.step(increment=1)
+        iteration += 1
+        consumed_tokens += tokens_per_step
+        window_steps += 1
+        window_latents += stream.latent_targets - before
+
+        if iteration % run.log_interval == 0 or iteration == t.train_steps:
+            latents = torch.tensor([float(window_latents)])
+            torch.distributed.all_reduce(latents, group=parallel_state.get_data_parallel_group())  # over DP
+            elapsed = time.time() - window_t
+            flops = (training_flops(cfg.model, cfg.model.seq_length) * t.global_batch_size * window_steps
+                     + 3 * head_forward_flops(cfg.model, latents.item()))
+            tflops_per_device = flops / elapsed / world / 1e12
+            last = {"loss": result["loss"], "lm loss": result["lm loss"], "diffusion loss": result["diffusion loss"],
+                    "grad_norm": result["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
+                    "tokens_per_s": tokens_per_step * window_steps / elapsed, "tflops_per_device": tflops_per_device,
+                    "mfu": tflops_per_device / peak if peak else None, "consumed_tokens": consumed_tokens}
+            if logger is not None:
+                logger.log(iteration, last)
+            window_t, window_steps, window_latents = time.time(), 0, 0
+
+        if run.eval_data and run.eval_interval and iteration % run.eval_interval == 0:
+            evaluate_held_out(cfg, run, chunks, iteration, logger)
+        preempted = preempt.any_rank()
+        done_here = run.exit_after is not None and iteration - start_iteration >= run.exit_after
+        if preempted or done_here or iteration % run.save_interval == 0 or iteration == t.train_steps:
+            checkpoint()
+        if preempted:
+            stop_reason = f"signal {preempt.received or 'on another rank'}"
+            break
+        if done_here:
+            stop_reason = "exit_after"
+            break
+    if logger is not None:
+        print(f"stopped at iteration {iteration}: {stop_reason}", flush=True)
+        logger.close()
+    shutdown_distributed()
+    return {"iteration": iteration, "stop_reason": stop_reason, "last": last}
+
+
+def evaluate_held_out(cfg: LatentLMConfig, run: RunConfig, chunks, iteration: int, logger) -> dict:
+    """LM loss / perplexity and diffusion loss on the first `eval_iters` micro-batches of the held-out
+    data (the same batches every time, so evaluations are comparable)."""
+    data = DataStream(cfg, run, run.eval_data, cfg.train.micro_batch_size, seed=cfg.train.seed + 1)
+    it = iter(data)
+    result = evaluate(chunks, it if len(chunks) == 1 else list(itertools.tee(it, len(chunks))),
+                      run.eval_iters, cfg.model.seq_length, cfg.train.micro_batch_size)
+    result["lm ppl"] = math.exp(min(result["lm loss"], 50.0))
+    if logger is not None:
+        logger.log(iteration, result, prefix="eval")
+    return result

@@ -1,0 +1,41 @@
+"""Pretrain LatentLM on Megatron-Core.
+
+  torchrun --nproc-per-node 8 pretrain/pretrain_latentlm.py --preset mllm-1.3b \\
+      --data /data/latentlm_mds --save /ckpt/mllm-1.3b --parallel.tensor-parallel 2 --fp8 hybrid
+
+Every field of the preset can be overridden: --model.<field>, --train.<field>, --parallel.<field>;
+run options (paths, intervals, numerics) are plain --<field>. Rank and world size come from torchrun
+or from Slurm (srun: SLURM_PROCID / SLURM_NTASKS, with MASTER_ADDR / MASTER_PORT set by the launcher).
+A run resumes from the latest checkpoint in --save automatically.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentlm_mcore.config import (ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig,  # noqa: E402
+                                   add_config_arguments, apply_overrides, config_overrides, get_preset)
+from latentlm_mcore.training.trainer import pretrain  # noqa: E402
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    add_config_arguments(parser.add_argument_group("run"), RunConfig)
+    add_config_arguments(parser.add_argument_group("model (preset overrides)"), ModelConfig, "model.")
+    add_config_arguments(parser.add_argument_group("train (preset overrides)"), TrainConfig, "train.")
+    add_config_arguments(parser.add_argument_group("parallel (preset overrides)"), ParallelConfig, "parallel.")
+    args = parser.parse_args(argv)
+
+    overrides = {f"{group}.{k}": v for group in ("model", "train", "parallel")
+                 for k, v in config_overrides(args, f"{group}.").items()}
+    cfg = apply_overrides(get_preset(args.preset), overrides)
+    run_fields = {f for f in RunConfig.__dataclass_fields__}
+    run = apply_overrides(RunConfig(), {k: v for k, v in config_overrides(args).items() if k in run_fields})
+    summary = pretrain(cfg, run)
+    return 0 if summary["stop_reason"] in ("finished", "exit_after") or summary["stop_reason"].startswith("signal") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
