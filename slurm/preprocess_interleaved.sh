@@ -6,7 +6,8 @@
 #   NUM_SHARDS=256 bash slurm/preprocess_interleaved.sh
 #
 # Task k of the array writes part k of NUM_SHARDS (one GPU for the σ-VAE; CPU threads decode images).
-# The merge job runs only after every task succeeded. If some failed, run the same command again:
+# The merge job runs only after every task succeeded (if one fails, Slurm cancels the merge instead of
+# leaving it pending forever with DependencyNeverSatisfied). If some failed, run the same command again:
 # finished parts are skipped and only the missing ones are redone, then the merge runs.
 # Skipped documents: $OUTPUT/parts/*.rejects.jsonl; counts by reason: $OUTPUT/manifest.json.
 #
@@ -42,7 +43,7 @@ submit)
     $([ "$gpus" -gt 0 ] && echo "--gpus-per-task $gpus") \
     --output "$OUTPUT/slurm/%x-%A_%a.out" --export ALL "$0")
   merge_id=$(PREPROCESS_STEP=merge sbatch "${common[@]}" --job-name preprocess-merge \
-    --dependency "afterok:${array_id%%;*}" --ntasks 1 --cpus-per-task 2 \
+    --dependency "afterok:${array_id%%;*}" --kill-on-invalid-dep=yes --ntasks 1 --cpus-per-task 2 \
     --output "$OUTPUT/slurm/%x-%j.out" --export ALL "$0")
   echo "submitted array job $array_id ($NUM_SHARDS parts) and merge job $merge_id -> $OUTPUT"
   ;;
