@@ -137,7 +137,8 @@ def slurm_cluster(tmp_path_factory):
     """A one-node Slurm (munged, slurmctld, slurmd from Debian's packages) started for the session.
     Yields the environment to run Slurm commands with; stops the daemons by PID afterwards."""
     state = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ, STATE=str(state))
+    # ports of our own, so that another cluster on this machine (another test run) does not collide
+    env = dict(os.environ, STATE=str(state), CTLD_PORT=str(free_port()), SLURMD_PORT=str(free_port()))
     start = subprocess.run(["bash", str(REPO / "tests/slurm_cluster/start.sh")], env=env, capture_output=True,
                            text=True, timeout=180)
     if start.returncode != 0:

@@ -33,5 +33,5 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 echo "start.sh: the node never became idle; logs in $STATE/log" >&2
-tail -20 "$STATE"/log/*.log >&2 || true
+tail -n 20 "$STATE"/log/*.log >&2 || true
 exit 1
