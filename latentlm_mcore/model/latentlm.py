@@ -118,13 +118,17 @@ class LatentLMModel(LanguageModule):
                 latents: Optional[Tensor] = None, latent_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, diffusion_targets: Optional[Tensor] = None,
                 diffusion_mask: Optional[Tensor] = None, noise_seed: Optional[Tensor] = None,
-                decoder_input: Optional[Tensor] = None):
+                decoder_input: Optional[Tensor] = None, inference_context=None):
         """All tensors batch-first [b, s, ...] as the loader emits them.
 
         Returns on the last pipeline stage, when `labels` is given, a tuple
         (lm_loss_per_token [b, s], diffusion_loss_per_latent [n_local], num_latents []); the caller
         masks and normalises them (see `latentlm_loss`). Without labels: (logits [b, s, vocab/TP],
         hidden [b, s, h]). On other stages: the hidden states for the next stage.
+
+        `inference_context` (a megatron `StaticInferenceContext`; generation only): the layers keep
+        keys/values in it and the input holds only the new positions, which continue at
+        `inference_context.sequence_len_offset` (advanced by the caller).
         """
         seq_len = position_ids.shape[1]
         if decoder_input is None and self.pre_process:
@@ -132,9 +136,11 @@ class LatentLMModel(LanguageModule):
         if attention_mask is None and self.needs_explicit_causal_mask:
             attention_mask = torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool,
                                                    device=position_ids.device), diagonal=1)
-        rotary_pos_emb = self.rotary_pos_emb(seq_len)
+        # with a KV cache the layers slice the rotary table at the cached offset: build it whole
+        rotary_len = seq_len if inference_context is None else inference_context.max_sequence_length
+        rotary_pos_emb = self.rotary_pos_emb(rotary_len)
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                              rotary_pos_emb=rotary_pos_emb)
+                              rotary_pos_emb=rotary_pos_emb, inference_context=inference_context)
         if not self.post_process:
             return hidden
 

@@ -1,0 +1,125 @@
+"""Text -> image, image -> text and text continuation over either backend.
+
+A `Generator` bundles what a task needs: a `Decoder`, the special tokens, a tokenizer (`encode` /
+`decode`) and the σ-VAE (its `latent_stats` scale latents for the model and unscale them for
+`decode`). `from_hf_folder` builds it from an exported folder (KV-cached), `from_megatron` from a
+Megatron checkpoint (any TP/PP, loaded at TP=1 in this process; megatron's static KV cache).
+
+Prompts follow the training data's document layout (latentlm_mcore/data/preprocess.py): a document
+starts after `<END_OF_DOCUMENT>`, an image is `<BOD>` + latents + `<EOD>`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from latentlm_mcore.inference.generation import Decoder, Sample, SamplingConfig, SpecialTokens, generate
+
+
+@dataclass
+class Generation:
+    text: str  # the generated text (special tokens and latent positions left out)
+    tokens: list[int]  # every generated id
+    images: list[torch.Tensor]  # decoded images [3, H, W] in [-1, 1]
+
+
+class _HFTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class Generator:
+    def __init__(self, decoder: Decoder, special: SpecialTokens, tokenizer, vae):
+        self.decoder, self.special, self.tokenizer, self.vae = decoder, special, tokenizer, vae
+
+    @classmethod
+    def from_hf_folder(cls, folder: str, use_cache: bool = True) -> "Generator":
+        import latentlm_mcore.hf  # noqa: F401  (makes transformers importable beside a broken torchvision)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face model folder")
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+        has_tokenizer = os.path.isfile(os.path.join(folder, "tokenizer.json"))
+        tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(folder)) if has_tokenizer else None
+        has_vae = os.path.isfile(os.path.join(folder, "sigma_vae.json"))
+        vae = model.load_sigma_vae(folder) if has_vae else None
+        return cls(model.decoder(use_cache), model.special_tokens(), tokenizer, vae)
+
+    @classmethod
+    def from_megatron(cls, checkpoint: str, iteration: int | None = None, tokenizer: str | None = None,
+                      sigma_vae: str | None = None, use_cache: bool = True) -> "Generator":
+        from latentlm_mcore.data.tokenizer import load_tokenizer
+        from latentlm_mcore.inference.megatron import load_megatron_model, megatron_decoder
+        from latentlm_mcore.vae import load_sigma_vae
+
+        model, cfg, extra, directory = load_megatron_model(checkpoint, iteration)
+        tokenizer, sigma_vae = tokenizer or extra.get("tokenizer"), sigma_vae or extra.get("sigma_vae")
+        if not tokenizer:
+            raise ValueError(f"{directory}: run_config.json names no tokenizer; pass one")
+        tok = load_tokenizer(tokenizer)
+        vae = load_sigma_vae(sigma_vae) if sigma_vae else None
+        if vae is not None and vae.latent_stats is None:
+            raise ValueError(f"σ-VAE {sigma_vae} has no latent statistics; the model's latents are scaled by them")
+        special = SpecialTokens(tok.bod_id, tok.eod_id, tok.latent_id, tok.end_of_document_id,
+                                vae.config.num_latents if vae is not None else 0)
+        return cls(megatron_decoder(model, use_cache), special, tok, vae)
+
+    # ------------------------------------------------------------ tasks
+    def text_to_image(self, captions: list[str], sampling: SamplingConfig) -> list[Generation]:
+        """One image per caption: `<END_OF_DOCUMENT> caption <BOD>`, stopped at the image's <EOD>."""
+        self._need("tokenizer", "vae")
+        s = self.special
+        prompts = [[s.end_of_document, *self.tokenizer.encode(c), s.bod] for c in captions]
+        sampling = _replace(sampling, stop_after_images=1,
+                            max_new_tokens=max(sampling.max_new_tokens, s.latents_per_image + 1))
+        return self.run(prompts, sampling)
+
+    def image_to_text(self, images: torch.Tensor, sampling: SamplingConfig, prompt: str = "") -> list[Generation]:
+        """Text after each image ([B, 3, H, W] in [-1, 1]) and an optional text prompt."""
+        self._need("tokenizer", "vae")
+        s = self.special
+        with torch.no_grad():
+            latents = self.vae.latent_stats.scale(self.vae.encode(images).float())
+        prompts = [[s.end_of_document, s.bod, z, s.eod, *self.tokenizer.encode(prompt)] for z in latents]
+        return self.run(prompts, _replace(sampling, cfg_scale=1.0))
+
+    def continue_text(self, texts: list[str], sampling: SamplingConfig) -> list[Generation]:
+        """Free continuation: text, and images wherever the model opens one."""
+        self._need("tokenizer")
+        prompts = [[self.special.end_of_document, *self.tokenizer.encode(t)] for t in texts]
+        return self.run(prompts, sampling)
+
+    def run(self, prompts, sampling: SamplingConfig) -> list[Generation]:
+        samples = generate(self.decoder, prompts, self.special, sampling)
+        return [self._finish(sample) for sample in samples]
+
+    def _finish(self, sample: Sample) -> Generation:
+        specials = {self.special.bod, self.special.eod, self.special.latent, self.special.end_of_document}
+        text = self.tokenizer.decode([t for t in sample.tokens if t not in specials]) if self.tokenizer else ""
+        images = []
+        if sample.images and self.vae is not None:
+            with torch.no_grad():
+                z = self.vae.latent_stats.unscale(torch.stack(sample.images))
+                images = list(self.vae.decode(z).float().clamp(-1, 1))
+        return Generation(text=text, tokens=sample.tokens, images=images)
+
+    def _need(self, *parts):
+        missing = [p for p in parts if getattr(self, p) is None]
+        if missing:
+            raise ValueError(f"this task needs a {' and a '.join(missing)}, and none was found "
+                             f"(Megatron: run_config extra or --tokenizer/--sigma-vae; HF: files in the folder)")
+
+
+def _replace(sampling: SamplingConfig, **changes) -> SamplingConfig:
+    from dataclasses import replace
+
+    return replace(sampling, **changes)

@@ -1,0 +1,40 @@
+"""Convert a Megatron distributed checkpoint (saved at any TP/PP) to a Hugging Face folder.
+
+  python tools/convert_ckpt_to_hf.py --checkpoint runs/mllm/ckpt --output exports/mllm [--iteration N] [--dtype bf16]
+
+The checkpoint is loaded at TP=1/PP=1 on the CPU in this process. The folder loads with
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; its backbone also loads as a
+plain `LlamaForCausalLM`. The tokenizer and σ-VAE come from the run config unless given here.
+An existing non-empty output is never replaced without --overwrite.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from latentlm_mcore.hf.convert import convert_checkpoint  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Megatron save directory (its latest) or one iter_* directory")
+    p.add_argument("--iteration", type=int, help="convert this iteration instead of the latest")
+    p.add_argument("--output", required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--tokenizer", help="tokenizer spec (default: the run config's extra['tokenizer'])")
+    p.add_argument("--sigma-vae", help="σ-VAE file (default: the run config's extra['sigma_vae'])")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = p.parse_args(argv)
+    try:
+        source = convert_checkpoint(args.checkpoint, args.output, iteration=args.iteration, dtype=args.dtype,
+                                    tokenizer=args.tokenizer, sigma_vae=args.sigma_vae, overwrite=args.overwrite,
+                                    max_shard_size=args.max_shard_size)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        sys.exit(f"convert_ckpt_to_hf: {e}")
+    print(f"converted {source} -> {args.output}")
+
+
+if __name__ == "__main__":  # dist_checkpointing may start worker processes: keep the guard
+    main()

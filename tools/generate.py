@@ -1,0 +1,112 @@
+"""Generate images and text with LatentLM, from a Megatron checkpoint or an exported Hugging Face folder.
+
+  python tools/generate.py --checkpoint runs/mllm/ckpt --task text-to-image --prompt "a red cat" --output out/
+  python tools/generate.py --hf exports/mllm --task image-to-text --image cat.jpg --output out/
+  python tools/generate.py --hf exports/mllm --task text --prompt "Once upon a time" --output out/
+
+A Megatron checkpoint (saved at any TP/PP) is loaded at TP=1 in this process and decodes with
+megatron's static KV cache; an HF folder with transformers' DynamicCache. Writes `<output>/grid.png` (all images),
+`<output>/images/NNN.png` and `<output>/samples.json` (prompts, texts, token ids).
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from latentlm_mcore.inference.generation import SamplingConfig  # noqa: E402
+from latentlm_mcore.inference.tasks import Generator  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="Megatron save directory (its latest) or one iter_* directory")
+    source.add_argument("--hf", help="folder written by tools/convert_ckpt_to_hf.py")
+    p.add_argument("--iteration", type=int, help="with --checkpoint: this iteration instead of the latest")
+    p.add_argument("--tokenizer", help="with --checkpoint: tokenizer spec (default: the run config's)")
+    p.add_argument("--sigma-vae", help="with --checkpoint: σ-VAE file (default: the run config's)")
+    p.add_argument("--task", choices=["text-to-image", "image-to-text", "text"], required=True)
+    p.add_argument("--prompt", action="append", default=[], help="a caption / text prompt (repeat for a batch)")
+    p.add_argument("--image", action="append", default=[], help="image-to-text: an image file (repeat for a batch)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--cfg-scale", type=float, default=1.65, help="classifier-free guidance of latents (1 = off)")
+    p.add_argument("--diffusion-steps", type=int, default=20, help="DPM-Solver++ steps per latent")
+    p.add_argument("--temperature", type=float, default=1.0, help="text sampling; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="text tasks: positions generated per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.task == "image-to-text" and not args.image:
+        p.error("--task image-to-text needs at least one --image")
+    if args.task != "image-to-text" and not args.prompt:
+        p.error(f"--task {args.task} needs at least one --prompt")
+    if args.hf and (args.iteration is not None or args.tokenizer or args.sigma_vae):
+        p.error("--iteration/--tokenizer/--sigma-vae apply to --checkpoint; an HF folder carries its own")
+    return args
+
+
+def load_images(paths: list[str], size: int) -> torch.Tensor:
+    from latentlm_mcore.data.preprocess import load_image
+
+    arrays = []
+    for path in paths:
+        path = os.path.abspath(path)
+        arrays.append(torch.from_numpy(load_image(path, os.path.dirname(path), size, max_pixels=1 << 28)))
+    return torch.stack(arrays)
+
+
+def to_pil(image: torch.Tensor):
+    from PIL import Image
+
+    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def write_outputs(generations, prompts, output: str) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.join(output, "images"), exist_ok=True)
+    images = [img for g in generations for img in g.images]
+    for i, img in enumerate(images):
+        to_pil(img).save(os.path.join(output, "images", f"{i:03d}.png"))
+    if images:
+        cols = min(len(images), 8)
+        rows = -(-len(images) // cols)
+        h, w = images[0].shape[1:]
+        grid = Image.new("RGB", (cols * w, rows * h), "white")
+        for i, img in enumerate(images):
+            grid.paste(to_pil(img), ((i % cols) * w, (i // cols) * h))
+        grid.save(os.path.join(output, "grid.png"))
+    records = [{"prompt": p, "text": g.text, "tokens": g.tokens, "num_images": len(g.images)}
+               for p, g in zip(prompts, generations)]
+    with open(os.path.join(output, "samples.json"), "w") as f:
+        json.dump(records, f, indent=2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.hf:
+        generator = Generator.from_hf_folder(args.hf)
+    else:
+        generator = Generator.from_megatron(args.checkpoint, args.iteration, args.tokenizer, args.sigma_vae)
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              cfg_scale=args.cfg_scale, diffusion_steps=args.diffusion_steps, seed=args.seed)
+    if args.task == "text-to-image":
+        prompts, generations = args.prompt, generator.text_to_image(args.prompt, sampling)
+    elif args.task == "image-to-text":
+        images = load_images(args.image, generator.vae.config.image_size) if generator.vae else None
+        prompts, generations = args.image, generator.image_to_text(images, sampling, prompt=" ".join(args.prompt))
+    else:
+        prompts, generations = args.prompt, generator.continue_text(args.prompt, sampling)
+    write_outputs(generations, prompts, args.output)
+    for prompt, g in zip(prompts, generations):
+        print(f"[{prompt}] -> {g.text!r} ({len(g.images)} image(s))")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
