@@ -86,7 +86,7 @@ class RunConfig:
     data: str | None = None  # tools/preprocess_interleaved.py output; None = random batches (benchmarks)
     eval_data: str | None = None  # held-out preprocessed folder for periodic evaluation
     save: str = "runs/latentlm"  # checkpoints, metrics.jsonl, loss_curve.png, TensorBoard / wandb logs
-    load: str | None = None  # resume from here; default: the latest checkpoint in `save`, if any
+    load: str | None = None  # start from this checkpoint when `save` has none yet (`save` has priority)
     data_cache: str | None = None  # node-local cache for remote (s3://...) datasets; local paths are read in place
     proportions: str = "text=2,pair=1,interleaved=1"
     condition_dropout: float = 0.1  # drop a pair's caption with this probability (classifier-free guidance)
@@ -167,8 +167,24 @@ def _tiny() -> LatentLMConfig:
     )
 
 
+def _quickstart() -> LatentLMConfig:
+    # scripts/quickstart.sh: the demo corpus (sklearn digits as 16 latents of dim 8 from the `quickstart`
+    # sigma-VAE, stdlib docstrings) on 2 CPU processes with TP=2 in about ten minutes. The vocab-sized output
+    # layer dominates the cost at this width, so the backbone is deeper than `tiny` for almost nothing.
+    return LatentLMConfig(
+        name="quickstart",
+        model=ModelConfig(num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
+                          vocab_size=CL100K_PADDED_VOCAB, seq_length=256, latent_dim=8, head_layers=3,
+                          batch_mul=16),  # the head is cheap next to the output layer: more noise levels per latent
+        train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=20, train_steps=300, global_batch_size=8,
+                          micro_batch_size=4, weight_decay=0.01),
+        parallel=ParallelConfig(tensor_parallel=2),
+    )
+
+
 PRESETS = {
     "tiny": _tiny,
+    "quickstart": _quickstart,
     "mllm-1.3b": _mllm_1p3b,
     "imagenet-m": lambda: _imagenet("imagenet-m", 1024, 24, 16, 8e-4),
     "imagenet-l": lambda: _imagenet("imagenet-l", 1536, 24, 12, 3e-4),

@@ -247,7 +247,8 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     manifest = {
         "part": name,
         "tokenizer": tokenizer.describe(),
-        "vae": {"sha256": sha256_file(cfg.vae_checkpoint), "image_size": vcfg.image_size,
+        "vae": {"path": os.path.abspath(cfg.vae_checkpoint), "sha256": sha256_file(cfg.vae_checkpoint),
+                "image_size": vcfg.image_size,
                 "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents},
         "latent_dim": vcfg.latent_dim,
         "tokens_per_image": vcfg.num_latents,

@@ -104,8 +104,13 @@ class _SpecialTokens:
 
     def describe(self) -> dict:
         """What the preprocessing manifest records about the tokenizer."""
-        return {"name": self.name, "sha256": self.file_sha256, "vocab_size": self.vocab_size,
+        return {"name": self.name, "spec": self.spec, "sha256": self.file_sha256, "vocab_size": self.vocab_size,
                 "special_ids": dict(self.special_ids)}
+
+    @property
+    def spec(self) -> str:
+        """What `load_tokenizer` takes to load this tokenizer again."""
+        return "cl100k_base" if self.name == "cl100k_base" else str(Path(self.path).resolve())
 
 
 class TiktokenTokenizer(_SpecialTokens):

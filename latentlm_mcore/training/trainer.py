@@ -187,17 +187,15 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     scheduler = build_scheduler(optimizer, cfg)
     data = DataStream(cfg, run, run.data, t.micro_batch_size, t.seed)
 
+    # this run's own latest checkpoint wins (a restarted job resumes itself); else --load starts it
     iteration, consumed_tokens = 0, 0
-    load_dir = run.load or run.save
-    resume_from = resolve_checkpoint(run.load) if run.load else latest_checkpoint(run.save)
+    resume_from = latest_checkpoint(run.save) or (resolve_checkpoint(run.load) if run.load else None)
     if resume_from is not None:
         common = load_checkpoint(resume_from, chunks, optimizer, scheduler)
         iteration, consumed_tokens = common["iteration"], common["consumed_tokens"]
         data.load_state_dicts(common["data"])
         if rank0:
             print(f"resumed from {resume_from} at iteration {iteration} ({consumed_tokens:,} tokens)", flush=True)
-    elif run.load:
-        raise FileNotFoundError(f"--load {load_dir}: no checkpoint there")
 
     # every model chunk (virtual pipeline stage) reads the whole micro-batch stream
     stream = CountingIterator(iter(data))
@@ -207,6 +205,9 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     world = torch.distributed.get_world_size()
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     run_extra = {"data": run.data}
+    if data.loader is not None:  # what generation and export need to read and write this model's data
+        manifest = data.loader.mixture.manifest
+        run_extra.update(tokenizer=manifest["tokenizer"]["spec"], sigma_vae=(manifest.get("vae") or {}).get("path"))
 
     def checkpoint():
         common = {"consumed_tokens": consumed_tokens, "data": data.state_dicts()}

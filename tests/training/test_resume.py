@@ -3,6 +3,7 @@ SIGKILL in the middle of a checkpoint save, and SIGTERM, each followed by a resu
 loss sequence and the final model + Adam state of an uninterrupted run; resuming at TP=1 continues
 from the same data position."""
 import json
+import math
 import os
 import random
 import signal
@@ -23,7 +24,8 @@ def args(dataset, save, *extra):
     return ["--preset", "tiny", "--data", str(dataset), "--save", str(save), "--train.train-steps", STEPS,
             "--train.warmup-steps", 2, "--train.global-batch-size", 4, "--train.micro-batch-size", 2,
             "--parallel.tensor-parallel", 2, "--log-interval", 1, "--save-interval", 5, "--keep-last", 10,
-            "--num-workers", 0, "--tensorboard", "false", *extra]
+            "--num-workers", 0, "--tensorboard", "false",
+            "--eval-data", str(dataset), "--eval-interval", 10, "--eval-iters", 2, *extra]
 
 
 def train_losses(save: Path) -> list[tuple[int, float]]:
@@ -124,6 +126,16 @@ def test_kills_and_sigterm_resume_exactly(tiny_dataset, uninterrupted, tmp_path)
     assert adam, "the checkpoint must hold the Adam moments"
     for k in want:
         assert torch.equal(got[k], want[k]), f"{k} differs after resuming"
+
+
+def test_periodic_evaluation_reports_perplexity_and_diffusion_loss(uninterrupted):
+    with open(uninterrupted / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+    assert [r["iteration"] for r in evals] == [10, 20]
+    for r in evals:
+        assert r["lm ppl"] == pytest.approx(math.exp(r["lm loss"]))
+        assert 0 < r["diffusion loss"] < 10 and 0 < r["lm loss"] < 20
+    assert evals[1]["lm loss"] < evals[0]["lm loss"], "held-out LM loss falls while training"
 
 
 def test_resume_at_tp1_continues_from_the_same_data_position(tiny_dataset, uninterrupted, tmp_path):
