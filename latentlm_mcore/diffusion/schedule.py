@@ -47,18 +47,6 @@ class NoiseSchedule:
         a, b = self.coefficients(t, x0)
         return a * noise - b * x0
 
-    def predict_x0(self, x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, b = self.coefficients(t, x_t)
-        if self.prediction == "eps":
-            return (x_t - b * model_output) / a
-        return a * x_t - b * model_output
-
-    def predict_eps(self, x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self.prediction == "eps":
-            return model_output
-        a, b = self.coefficients(t, x_t)
-        return b * x_t + a * model_output
-
 
 def diffusion_loss(head, schedule: NoiseSchedule, condition: torch.Tensor, x0: torch.Tensor,
                    timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
