@@ -229,7 +229,7 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
         window_latents += stream.latent_targets - before
 
         if iteration % run.log_interval == 0 or iteration == t.train_steps:
-            latents = torch.tensor([float(window_latents)])
+            latents = torch.tensor([float(window_latents)], device="cuda" if torch.cuda.is_available() else "cpu")
             torch.distributed.all_reduce(latents, group=parallel_state.get_data_parallel_group())  # over DP
             elapsed = time.time() - window_t
             flops = (training_flops(cfg.model, cfg.model.seq_length) * t.global_batch_size * window_steps
