@@ -64,6 +64,10 @@ SIGMA_VAE_PRESETS = {
     # Seconds on a CPU: 32px images, 16 latents of 16 channels.
     "tiny": SigmaVAEConfig(image_size=32, patch_size=8, latent_dim=16, hidden=64, enc_layers=2, dec_layers=2,
                            heads=4, mlp_ratio=4.0, c_sigma=0.5, beta=1e-2),
+    # scripts/quickstart.sh: sklearn's 8x8 digits upscaled to 16px; 4 latents of 16 channels each (a 4x4 block of
+    # the original digit): few latents per image is what a ten-minute LM run can learn to draw coherently.
+    "quickstart": SigmaVAEConfig(image_size=16, patch_size=8, latent_dim=16, hidden=64, enc_layers=2, dec_layers=2,
+                                 heads=4, mlp_ratio=4.0, c_sigma=0.5, beta=1e-2),
     # Paper §3.1.3 / appendix B: ViT-B encoder and decoder, 12 + 12 layers, patch 16, latent dim 32.
     "paper": SigmaVAEConfig(image_size=256, patch_size=16, latent_dim=32, hidden=768, enc_layers=12,
                             dec_layers=12, heads=12, mlp_ratio=4.0, c_sigma=0.5, beta=1e-2),
