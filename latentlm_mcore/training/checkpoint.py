@@ -164,7 +164,8 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
     """Load a checkpoint directory (see `resolve_checkpoint`) into the model chunks and, when given,
     the optimizer and scheduler, at any layout. RNG states are restored when the layout is the
     saving one. Returns the common state (iteration, consumed tokens, data-loader states, ...)."""
-    common = dist_checkpointing.load_common_state_dict(path)["common"]
+    saved_common = dist_checkpointing.load_common_state_dict(path)
+    common = saved_common["common"]
     state = model_sharded_state_dict(chunks)
     model_state = dict(state)
     if optimizer is not None:
@@ -178,7 +179,7 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
-        scheduler.load_state_dict(dist_checkpointing.load_common_state_dict(path)["scheduler"])
+        scheduler.load_state_dict(saved_common["scheduler"])
     if same_layout:
         _restore_rng(loaded["rng_state"])
     return common
