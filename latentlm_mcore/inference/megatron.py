@@ -10,18 +10,11 @@ every step (`RecomputeDecoder`), the reference both caches are checked against.
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
 from latentlm_mcore.config import ParallelConfig
 from latentlm_mcore.inference.generation import Decoder, RecomputeDecoder
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_single_process() -> None:
@@ -31,7 +24,6 @@ def init_single_process() -> None:
     if not torch.distributed.is_initialized():
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
             os.environ.pop(key, None)  # a world of one, whatever launched us
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     elif torch.distributed.get_world_size() != 1:
         raise RuntimeError("loading for inference needs a world of one process; run it outside torchrun")
     init_distributed(ParallelConfig(), seed=0)

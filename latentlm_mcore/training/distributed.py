@@ -55,7 +55,9 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         os.environ.setdefault("MASTER_PORT", "29500")
         if on_gpu:
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world,
+        # a world of one needs no rendezvous: an in-memory store avoids racing for a TCP port
+        store = dist.HashStore() if world == 1 else None
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world, store=store,
                                 timeout=timedelta(minutes=timeout_minutes))
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
