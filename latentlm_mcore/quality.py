@@ -129,11 +129,10 @@ def heldout_text_loss(hf_folder: str, corpus: str, max_tokens: int = 20_000) -> 
     import torch
 
     import latentlm_mcore.hf  # noqa: F401  (transformers beside a broken torchvision)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from latentlm_mcore.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer("cl100k_base")
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder)  # the one exported with the model
+    end_of_document = tokenizer.convert_tokens_to_ids("<END_OF_DOCUMENT>")
     trained = AutoModelForCausalLM.from_pretrained(hf_folder, trust_remote_code=True).eval()
     config = AutoConfig.from_pretrained(hf_folder, trust_remote_code=True)
     torch.manual_seed(0)
@@ -144,7 +143,7 @@ def heldout_text_loss(hf_folder: str, corpus: str, max_tokens: int = 20_000) -> 
     with open(os.path.join(corpus, "heldout", "text.jsonl")) as f:
         for line in f:
             text = json.loads(line)["segments"][0]["text"]
-            ids = [tokenizer.end_of_document_id, *tokenizer.encode(text), tokenizer.end_of_document_id][:context]
+            ids = [end_of_document, *tokenizer.encode(text, add_special_tokens=False), end_of_document][:context]
             sequences.append(ids)
             total += len(ids) - 1
             if total >= max_tokens:

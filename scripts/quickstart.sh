@@ -8,7 +8,7 @@
 # continues from its latest checkpoint. Settings (environment variables):
 #   QUICKSTART_DIR               where everything goes (default runs/quickstart)
 #   QUICKSTART_VAE_STEPS         σ-VAE training steps (default 250)
-#   QUICKSTART_STEPS             LatentLM training steps (default: the `quickstart` preset's 300)
+#   QUICKSTART_STEPS             LatentLM training steps (default: the `quickstart` preset's 1000)
 #   QUICKSTART_SAMPLES_PER_DIGIT images generated per digit; one row of the grid each (default 8)
 #   QUICKSTART_CFG_SCALE         classifier-free guidance scale for the digits (default 3)
 set -euo pipefail
@@ -16,7 +16,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 OUT="${QUICKSTART_DIR:-runs/quickstart}"
 VAE_STEPS="${QUICKSTART_VAE_STEPS:-250}"
-STEPS="${QUICKSTART_STEPS:-300}"
+STEPS="${QUICKSTART_STEPS:-1000}"
 SAMPLES_PER_DIGIT="${QUICKSTART_SAMPLES_PER_DIGIT:-8}"
 CFG_SCALE="${QUICKSTART_CFG_SCALE:-3}"
 WARMUP=$(( STEPS / 10 < 20 ? STEPS / 10 : 20 ))
@@ -51,7 +51,8 @@ for split in train heldout; do
   if [ "$OUT/data/$split/manifest.json" -nt "$OUT/sigma_vae/sigma_vae.pt" ]; then skip "$OUT/data/$split"; continue; fi
   rm -rf "$OUT/data/$split"
   $PY tools/preprocess_interleaved.py --input "$OUT/corpus/$split/"{text,pair,interleaved}.jsonl \
-    --image-root "$OUT/corpus/images" --vae "$OUT/sigma_vae/sigma_vae.pt" --output "$OUT/data/$split"
+    --image-root "$OUT/corpus/images" --vae "$OUT/sigma_vae/sigma_vae.pt" --tokenizer cl100k_base:8192 \
+    --output "$OUT/data/$split"
 done
 
 stage 5 "pretraining LatentLM (preset quickstart, $STEPS steps, TP=2 on 2 processes) -> $OUT/model"
@@ -61,14 +62,13 @@ if [ "$(cat "$OUT/model/latest" 2>/dev/null)" = "$(printf 'iter_%07d' "$STEPS")"
 else
   $PY -m torch.distributed.run --standalone --nproc-per-node 2 pretrain/pretrain_latentlm.py --preset quickstart \
     --data "$OUT/data/train" --eval-data "$OUT/data/heldout" --save "$OUT/model" \
-    --proportions text=1,pair=12,interleaved=2 --num-workers 1 --log-interval 10 --save-interval 50 \
-    --eval-interval 100 --eval-iters 4 --train.train-steps "$STEPS" --train.warmup-steps "$WARMUP"
+    --proportions text=1,pair=12,interleaved=2 --num-workers 1 --log-interval 10 --save-interval 100 \
+    --eval-interval 250 --eval-iters 4 --train.train-steps "$STEPS" --train.warmup-steps "$WARMUP"
 fi
 
 stage 6 "export to Hugging Face -> $OUT/hf"
 if [ "$OUT/hf/config.json" -nt "$OUT/model/latest" ]; then skip "$OUT/hf"; else
-  $PY tools/convert_ckpt_to_hf.py --checkpoint "$OUT/model" --output "$OUT/hf" --overwrite \
-    --tokenizer cl100k_base --sigma-vae "$OUT/sigma_vae/sigma_vae.pt"
+  $PY tools/convert_ckpt_to_hf.py --checkpoint "$OUT/model" --output "$OUT/hf" --overwrite  # tokenizer, σ-VAE: the run's
 fi
 
 stage 7 "generation: $SAMPLES_PER_DIGIT images per digit, and a caption for one held-out image per digit"

@@ -49,6 +49,7 @@ def test_corpus_vae_and_data(quickstart):
         manifest = json.loads((out / "data" / split / "manifest.json").read_text())
         assert manifest["documents_rejected"] == {}
         assert manifest["latent_dim"] == 16 and manifest["tokens_per_image"] == 4
+        assert manifest["tokenizer"]["spec"] == "cl100k_base:8192" and manifest["tokenizer"]["vocab_size"] == 8256
         assert set(manifest["sources"]) == {"text", "pair", "interleaved"}
 
 
@@ -75,7 +76,8 @@ def test_generated_images_and_captions(quickstart):
         img = decoded(t2i / "images" / f"{i:03d}.png")
         assert img.size == (16, 16)
     grid = np.asarray(decoded(t2i / "grid.png"))
-    assert grid.shape[:2] == (32, 128) and grid.std() > 0  # 8 columns, 2 rows of 16px images, not blank
+    # 8 columns, 2 rows of 16px images drawn at 64px with 2px lines between; not blank
+    assert grid.shape[:2] == (2 * 66 + 2, 8 * 66 + 2) and grid.std() > 0
     i2t = json.loads((out / "samples" / "image_to_text" / "samples.json").read_text())
     assert len(i2t) == 10 and all(Path(s["prompt"]).is_file() for s in i2t)
 
@@ -84,14 +86,18 @@ def test_hf_folder_loads_and_runs(quickstart):
     import torch
 
     import latentlm_mcore.hf  # noqa: F401
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out, *_ = quickstart
     model = AutoModelForCausalLM.from_pretrained(out / "hf", trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "hf")  # cl100k_base:8192
     assert model.config.latents_per_image == 4 and model.config.latent_dim == 16
+    assert model.config.vocab_size == 8256 and tokenizer.convert_tokens_to_ids("<END_OF_DOCUMENT>") == 8195
+    ids = [8195, *tokenizer.encode("a handwritten digit seven", add_special_tokens=False)]
+    assert ids[1:] == [64, 1450, 86, 1018, 2002, 4170, 275, 513, 1055]  # cl100k's ids, merges below rank 8192
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([[100280, 64, 1450, 1301, 15840, 19016, 8254]])).logits
-    assert logits.shape == (1, 7, model.config.vocab_size) and torch.isfinite(logits).all()
+        logits = model(input_ids=torch.tensor([ids])).logits
+    assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
 
 
 def test_quality_report(quickstart):

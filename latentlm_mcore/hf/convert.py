@@ -127,12 +127,17 @@ def write_tokenizer(tokenizer, folder: str) -> None:
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
+    from latentlm_mcore.data.tokenizer import write_tiktoken_file
+
     encoding = tokenizer._enc
     # Oniguruma (tokenizers) reads `{1,3}+` as "one or more runs of 1-3" rather than possessive:
     # "1234" would stay one pre-token. Plain `{1,3}` splits digits as tiktoken does.
     pattern = encoding._pat_str.replace(r"\p{N}{1,3}+", r"\p{N}{1,3}")
-    converter = TikTokenConverter(vocab_file=str(tokenizer.path), pattern=pattern)
-    vocab, merges = converter.extract_vocab_merges_from_model(str(tokenizer.path))
+    with tempfile.TemporaryDirectory() as tmp:  # the ranks in use: cl100k_base:N keeps only the first N
+        rank_file = os.path.join(tmp, "ranks.tiktoken")
+        write_tiktoken_file(tokenizer.ranks, rank_file)
+        converter = TikTokenConverter(vocab_file=rank_file, pattern=pattern)
+        vocab, merges = converter.extract_vocab_merges_from_model(rank_file)
     specials = {**encoding._special_tokens, **tokenizer.special_ids}
     vocab.update(specials)  # present in the vocabulary, so the added tokens keep these exact ids
     fast = Tokenizer(BPE(vocab, merges, fuse_unk=False))

@@ -121,6 +121,10 @@ class DataStream:
             if mixture.latent_dim != cfg.model.latent_dim:
                 raise ValueError(f"{root}: latents have dim {mixture.latent_dim}, the model expects "
                                  f"{cfg.model.latent_dim} (model.latent_dim)")
+            tokenizer = mixture.manifest["tokenizer"]
+            if tokenizer["vocab_size"] > cfg.model.vocab_size:
+                raise ValueError(f"{root}: tokenizer {tokenizer['spec']} needs a vocabulary of {tokenizer['vocab_size']}, "
+                                 f"the model has {cfg.model.vocab_size} (model.vocab_size)")
             self.loader = PackedLoader(mixture, LoaderConfig(
                 seq_length=cfg.model.seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
                 dp_world_size=dp_size, condition_dropout=run.condition_dropout, num_workers=run.num_workers))

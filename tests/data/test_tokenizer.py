@@ -59,6 +59,37 @@ def test_cl100k_ids_are_cl100k_and_specials_sit_in_the_padding():
     assert "cl100k_base" in openai_public.ENCODING_CONSTRUCTORS
 
 
+def test_cl100k_cut_to_its_first_ranks_keeps_cl100k_ids():
+    full, small = TiktokenTokenizer.cl100k_base(), load_tokenizer("cl100k_base:8192")
+    assert small.spec == "cl100k_base:8192" and small.describe()["spec"] == "cl100k_base:8192"
+    assert small.special_ids == {"<BOD>": 8192, "<EOD>": 8193, "<LATENT>": 8194, "<END_OF_DOCUMENT>": 8195,
+                                 "<PAD>": 8196}
+    assert small.vocab_size == 8256
+    ids = small.encode(TEXT)
+    assert max(ids) < 8192 and small.decode(ids) == TEXT
+    assert len(ids) > len(full.encode(TEXT)), "merges of rank >= 8192 must not happen"
+    # Every id is cl100k's id of the same bytes.
+    inverse = {rank: token for token, rank in full.ranks.items()}
+    assert all(small.ranks[inverse[i]] == i for i in ids)
+    assert small.encode("hello world") == [71, 4896, 1917] and full.encode(" world") == [1917]  # "hello" is 15339
+    for bad in ("cl100k_base:100", "cl100k_base:lots"):
+        with pytest.raises(ValueError, match="cl100k_base"):
+            load_tokenizer(bad)
+
+
+def test_cl100k_cut_exports_to_a_matching_hf_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from latentlm_mcore.hf.convert import write_tokenizer
+
+    small = load_tokenizer("cl100k_base:8192")
+    write_tokenizer(small, str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    text = TEXT + " a handwritten digit seven; 1234567 Ünïcödé's\n\n  x  \n"
+    assert hf.encode(text, add_special_tokens=False) == small.encode(text)
+    assert hf.convert_tokens_to_ids(list(small.special_ids)) == list(small.special_ids.values())
+
+
 def test_cl100k_found_in_tiktoken_cache_and_hash_checked(tmp_path, monkeypatch):
     real = find_cl100k_file()
     cache = tmp_path / "cache"

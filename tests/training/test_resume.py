@@ -151,3 +151,17 @@ def test_resume_at_tp1_continues_from_the_same_data_position(tiny_dataset, unint
         assert got[it] == pytest.approx(want[it], rel=1e-4), f"iteration {it}"
     # a different data position would give clearly different losses on these documents
     assert any(abs(want[it] - want[it + 1]) > 1e-3 for it in (11, 12))
+
+
+def test_data_the_model_cannot_read_is_refused_by_name(tiny_dataset, tmp_path):
+    """cl100k shards (vocabulary 100,288) into a model of vocabulary 8,256: a clear error before training."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(PRETRAIN), *map(str, args(tiny_dataset, tmp_path / "ckpt")), "--model.vocab-size", "8256"]
+    cmd[cmd.index("--parallel.tensor-parallel") + 1] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, TMPDIR=str(tmp_path)))
+    assert proc.returncode != 0
+    assert "tokenizer cl100k_base needs a vocabulary of 100288, the model has 8256" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "ckpt" / "latest").exists()
