@@ -29,8 +29,11 @@ if [ "${LATENTLM_KEEP_TORCH:-0}" = 1 ]; then
   grep -v '^torch==' constraints.txt > .venv/constraints-keep-torch.txt
   cons=(-c .venv/constraints-keep-torch.txt)
 else
+  echo "setup_env: installing torch 2.13.0 (CPU wheel) into .venv ..."
   quiet_pip install "${cons[@]}" torch==2.13.0
 fi
+echo "setup_env: installing latentlm_mcore[${EXTRAS}] and its dependencies (megatron-core, mosaicml-streaming," \
+  "transformers, ...; a few minutes the first time) ..."
 quiet_pip install "${cons[@]}" -e ".[${EXTRAS}]"
 echo "$want" > "$stamp"
 echo "setup_env: installed latentlm_mcore[${EXTRAS}] into $root/.venv"
