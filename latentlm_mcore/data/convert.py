@@ -55,26 +55,31 @@ def write_jsonl(documents, path: str) -> int:
 
 # --------------------------------------------------------------------------------------------- text
 
+def _json_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) of each non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield lineno, line
+
+
 def convert_text(paths: list[str], skipped: Counter, text_field: str = "text") -> Iterator[dict]:
     """`.txt` files (one document per file) and `.jsonl` files (one per line, text in `text_field`)."""
     for path in paths:
         stem = os.path.basename(path)
         if path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8", errors="replace") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                        text = obj[text_field]
-                    except (ValueError, KeyError, TypeError):
-                        skipped["text_line_unusable"] += 1
-                        continue
-                    if not isinstance(text, str) or not text.strip():
-                        skipped["text_empty"] += 1
-                        continue
-                    doc_id = obj.get("id") if isinstance(obj.get("id"), str) else f"{stem}:{lineno}"
-                    yield {"id": doc_id, "source": "text", "segments": [{"text": text}]}
+            for lineno, line in _json_lines(path):
+                try:
+                    obj = json.loads(line)
+                    text = obj[text_field]
+                except (ValueError, KeyError, TypeError):
+                    skipped["text_line_unusable"] += 1
+                    continue
+                if not isinstance(text, str) or not text.strip():
+                    skipped["text_empty"] += 1
+                    continue
+                doc_id = obj.get("id") if isinstance(obj.get("id"), str) else f"{stem}:{lineno}"
+                yield {"id": doc_id, "source": "text", "segments": [{"text": text}]}
         else:
             with open(path, encoding="utf-8", errors="replace") as f:
                 text = f.read()
@@ -205,33 +210,30 @@ def convert_mmc4(jsonl_paths: list[str], image_root: str, skipped: Counter,
     url_map = url_map or {}
     for path in jsonl_paths:
         stem = os.path.basename(path).rsplit(".", 1)[0]
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        for lineno, line in _json_lines(path):
+            try:
+                obj = json.loads(line)
+                texts = list(obj["text_list"])
+                infos = list(obj.get("image_info") or [])
+            except (ValueError, KeyError, TypeError):
+                skipped["mmc4_line_unusable"] += 1
+                continue
+            before: dict[int, list[str]] = {}
+            for info in infos:
+                ref = info.get("image_name") if isinstance(info, dict) else None
+                local = _local_image(ref, image_root, url_map, stem, "x") if ref else None
+                if local is None and isinstance(info, dict):
+                    local = _local_image(info.get("raw_url"), image_root, url_map, stem, "x")
+                idx = info.get("matched_text_index") if isinstance(info, dict) else None
+                if local is None or not isinstance(idx, int) or not 0 <= idx < len(texts):
+                    skipped["image_not_available_locally"] += 1
                     continue
-                try:
-                    obj = json.loads(line)
-                    texts = list(obj["text_list"])
-                    infos = list(obj.get("image_info") or [])
-                except (ValueError, KeyError, TypeError):
-                    skipped["mmc4_line_unusable"] += 1
-                    continue
-                before: dict[int, list[str]] = {}
-                for info in infos:
-                    ref = info.get("image_name") if isinstance(info, dict) else None
-                    local = _local_image(ref, image_root, url_map, stem, "x") if ref else None
-                    if local is None and isinstance(info, dict):
-                        local = _local_image(info.get("raw_url"), image_root, url_map, stem, "x")
-                    idx = info.get("matched_text_index") if isinstance(info, dict) else None
-                    if local is None or not isinstance(idx, int) or not 0 <= idx < len(texts):
-                        skipped["image_not_available_locally"] += 1
-                        continue
-                    before.setdefault(idx, []).append(local)
-                items = []
-                for i, text in enumerate(texts):
-                    items += [("image", p) for p in before.get(i, [])]
-                    items.append(("text", text if i == 0 else " " + text))
-                doc_id = obj.get("url") if isinstance(obj.get("url"), str) else f"{stem}:{lineno}"
-                doc = _interleaved(doc_id, items, skipped)
-                if doc:
-                    yield doc
+                before.setdefault(idx, []).append(local)
+            items = []
+            for i, text in enumerate(texts):
+                items += [("image", p) for p in before.get(i, [])]
+                items.append(("text", text if i == 0 else " " + text))
+            doc_id = obj.get("url") if isinstance(obj.get("url"), str) else f"{stem}:{lineno}"
+            doc = _interleaved(doc_id, items, skipped)
+            if doc:
+                yield doc

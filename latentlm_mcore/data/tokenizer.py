@@ -115,7 +115,7 @@ class _SpecialTokens:
     @property
     def spec(self) -> str:
         """What `load_tokenizer` takes to load this tokenizer again."""
-        if self.name.startswith("cl100k_base"):
+        if self.name == "cl100k_base" or self.name.startswith("cl100k_base:"):
             return self.name
         return str(Path(self.path).resolve())
 
