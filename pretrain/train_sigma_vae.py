@@ -15,6 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
 from latentlm_mcore.vae.trainer import SigmaVAETrainer, TrainConfig  # noqa: E402
 
@@ -45,7 +46,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     model_cfg, train_cfg = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
+    rank, _, _ = rank_and_world_from_env()  # under srun this also exports RANK etc.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     trainer = SigmaVAETrainer(model_cfg, train_cfg)

@@ -36,11 +36,8 @@ mkdir -p "$OUT_DIR"
 
 echo "σ-VAE: $SLURM_NNODES node(s), $SLURM_NTASKS GPUs, master $MASTER_ADDR:$MASTER_PORT, out $OUT_DIR"
 
-# srun starts one task per GPU; each maps Slurm's ids onto the torch.distributed env:// variables.
-srun --kill-on-bad-exit=1 bash -c '
-  export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS
-  exec "$0" "$@"
-' "$PYTHON" "$REPO_DIR/pretrain/train_sigma_vae.py" \
+# srun starts one task per GPU; the trainer reads its rank from Slurm's variables (training/ranks.py).
+srun --kill-on-bad-exit=1 "$PYTHON" "$REPO_DIR/pretrain/train_sigma_vae.py" \
   --preset "$PRESET" \
   --train-data "$TRAIN_DATA" \
   --eval-data "$EVAL_DATA" \

@@ -10,34 +10,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from latentlm_mcore.compat import enable_cpu_fallbacks, mend_distributed_optimizer_torch_adam
 from latentlm_mcore.config import ParallelConfig
-
-
-def tasks_on_this_node(tasks_per_node: str, node_id: int) -> int:
-    """Entry `node_id` of Slurm's SLURM_TASKS_PER_NODE, e.g. "8(x16)" or "2(x3),1"."""
-    counts = []
-    for part in tasks_per_node.split(","):
-        count, _, repeat = part.partition("(x")
-        counts += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
-    return counts[node_id]
-
-
-def rank_and_world_from_env() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun or, failing that, Slurm's srun variables.
-
-    Under srun the torchrun-style variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE) are
-    exported too: other libraries read them (mosaicml-streaming elects one leader per node from
-    them; without them every task thinks it leads and they race creating shared memory)."""
-    if "RANK" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in os.environ:
-        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-        local_rank = int(os.environ.get("SLURM_LOCALID", 0))
-        local_world = tasks_on_this_node(os.environ.get("SLURM_TASKS_PER_NODE", str(world)),
-                                         int(os.environ.get("SLURM_NODEID", 0)))
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
-                          LOCAL_WORLD_SIZE=str(local_world))
-        return rank, world, local_rank
-    return 0, 1, 0
+from latentlm_mcore.training.ranks import rank_and_world_from_env
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from latentlm_mcore.training.ranks import rank_and_world_from_env
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.data import ImageDataset, InfiniteDistributedSampler, list_images
 from latentlm_mcore.vae.losses import (PatchDiscriminator, VGG16PerceptualLoss, hinge_d_loss, hinge_g_loss,
@@ -74,11 +75,10 @@ class TrainConfig:
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from the torchrun/launcher environment; a single process without it."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    """(rank, world_size, device) under torchrun or srun; a single process without either."""
+    rank, world_size, local_rank = rank_and_world_from_env()
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
