@@ -85,7 +85,7 @@ class TrainConfig:
 TRAIN_PRESETS = {
     # Paper §3.1.3 / appendix B: 200 epochs (ImageNet-1k at batch 256: 1.0M steps), AdamW β = (0, 0.99), LR 3e-4,
     # weight decay 0.01, layer decay 0.65 on a pretrained encoder, perceptual + GAN losses "following LDM": LDM's
-    # KL autoencoders' perceptual weight 1.0, discriminator from step 50,001 (disc_start), adaptive weight x 0.5.
+    # KL autoencoders' perceptual weight 1.0, discriminator from step 50k (disc_start 50001), adaptive weight x 0.5.
     "paper": dict(epochs=200.0, lr=3e-4, adam_beta1=0.0, adam_beta2=0.99, weight_decay=0.01, layer_decay=0.65,
                   perceptual_weight=1.0, gan_start_step=50_000, gan_weight=0.5),
 }
