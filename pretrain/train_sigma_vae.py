@@ -1,10 +1,12 @@
 """Train the image σ-VAE tokenizer (paper §2.3, §3.1.3).
 
     python pretrain/train_sigma_vae.py --preset tiny --train-data IMAGES/ --eval-data HELDOUT/ --max-steps 300
-    torchrun --nproc-per-node 8 pretrain/train_sigma_vae.py --preset paper --train-data train.jsonl ...
+    torchrun --nproc-per-node 8 pretrain/train_sigma_vae.py --preset paper --train-data train.jsonl \
+        --vgg16-weights vgg16-397923af.pth --init-encoder beit3_base_patch16_224.pth ...
 
 Every field of SigmaVAEConfig (model; overrides the preset) and TrainConfig is a --flag of the same name.
-Re-running with the same --out-dir resumes from its checkpoint.
+A preset with a training recipe (`paper`: 200 epochs, perceptual + GAN losses) sets TrainConfig defaults too;
+an explicit --max-steps replaces the recipe's --epochs. Re-running with the same --out-dir resumes.
 """
 
 import argparse
@@ -17,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
-from latentlm_mcore.vae.trainer import SigmaVAETrainer, TrainConfig  # noqa: E402
+from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402
 
 
 def add_dataclass_args(parser, cls, group_title):
@@ -37,11 +39,17 @@ def parse_args(argv=None):
     add_dataclass_args(parser, SigmaVAEConfig, "model (overrides the preset)")
     add_dataclass_args(parser, TrainConfig, "training")
     args = vars(parser.parse_args(argv))
+    preset = args.pop("preset")
     model_names = {f.name for f in dataclasses.fields(SigmaVAEConfig)}
-    model_cfg = SIGMA_VAE_PRESETS[args.pop("preset")].replace(
+    model_cfg = SIGMA_VAE_PRESETS[preset].replace(
         **{k: v for k, v in args.items() if k in model_names and v is not None})
-    train_cfg = TrainConfig(**{k: v for k, v in args.items() if k not in model_names and v is not None})
-    return model_cfg, train_cfg
+    given = {k: v for k, v in args.items() if k not in model_names and v is not None}
+    if "max_steps" in given and "epochs" in given:
+        parser.error("give --max-steps or --epochs, not both")
+    recipe = dict(TRAIN_PRESETS.get(preset, {}))
+    if "max_steps" in given:
+        recipe.pop("epochs", None)
+    return model_cfg, TrainConfig(**{**recipe, **given})
 
 
 def main(argv=None):

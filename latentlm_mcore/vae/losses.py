@@ -1,9 +1,10 @@
-"""Losses for σ-VAE training: the paper's objective (eq. 6), an optional LPIPS-style perceptual term and
-an optional patch-GAN hinge term (paper §3.1.3 trains with both, following LDM/VQGAN)."""
+"""Losses for σ-VAE training: the paper's objective (eq. 6), an LPIPS-style perceptual term and a patch-GAN
+hinge term with LDM's adaptive weight (paper §3.1.3 trains with both, following LDM/VQGAN)."""
 
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -106,3 +107,21 @@ def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.
 
 def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
+
+
+def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, factor: float,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """LDM / taming-transformers' adaptive GAN weight: ‖∇_w L_rec‖ / (‖∇_w L_G‖ + 1e-4) at the decoder's last
+    layer w, clamped to [0, max_weight], detached, times `factor` — the GAN term then pulls on the decoder about
+    as hard as the reconstruction does, whatever their raw scales.
+
+    Under torch.distributed the two gradients are first averaged over ranks (as the update will average them),
+    so every rank uses the same weight, the one a single process would compute on the whole batch."""
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    grads = torch.stack([rec_grad.float(), g_grad.float()])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(grads)
+        grads /= dist.get_world_size()
+    ratio = grads[0].norm() / (grads[1].norm() + 1e-4)
+    return ratio.clamp(0.0, max_weight).detach() * factor

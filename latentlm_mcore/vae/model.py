@@ -2,7 +2,8 @@
 
 Training pass: μ = Encoder(x); z = μ + σ·ε with ε ~ N(0, I) and one scalar σ ~ N(0, C_σ) per example;
 x̂ = Decoder(z). The fixed (not learned) noise scale is what keeps the latent variance from collapsing.
-`encode` and `decode` are deterministic and are what the data pipeline uses offline.
+`encode` and `decode` are deterministic and are what the data pipeline uses offline; `sample_sigma_latents`
+draws z from μ the way training does (the language model is meant to read such samples, paper §2.3).
 """
 
 import os
@@ -119,9 +120,17 @@ class SigmaVAE(nn.Module):
     def forward(self, images: torch.Tensor):
         """Training pass with the σ noise: returns (reconstruction, μ)."""
         mu = self.encode(images)
-        sigma = torch.randn(mu.shape[0], 1, 1, device=mu.device, dtype=mu.dtype) * self.config.c_sigma
-        z = mu + sigma * torch.randn_like(mu)
-        return self.decode(z), mu
+        return self.decode(sample_sigma_latents(mu, self.config.c_sigma)), mu
+
+
+def sample_sigma_latents(mu: torch.Tensor, c_sigma: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """z = μ + σ·ε for μ [B, ...]: one scalar σ = n·C_σ/0.8, n ~ N(0, 1), per example (dim 0) and ε ~ N(0, I)
+    per element — the official σ-VAE's draw, under which C_σ is the mean noise scale (E|σ| = 0.9974·C_σ).
+    σ is drawn before ε, both from `generator` (the global RNG when None)."""
+    shape = (mu.shape[0],) + (1,) * (mu.dim() - 1)
+    n = torch.randn(shape, generator=generator, device=mu.device, dtype=torch.float32)
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=torch.float32)
+    return (mu.float() + n * (c_sigma / 0.8) * eps).to(mu.dtype)
 
 
 def _init_weights(module):

@@ -1,6 +1,7 @@
-"""σ-VAE trainer: torch DDP (NCCL on GPU, gloo on CPU), AdamW with layer-wise LR decay on the encoder,
-optional perceptual and patch-GAN losses, resumable checkpoints, PSNR and a reconstruction grid at each
-eval, and the exported σ-VAE file (with latent statistics) at each checkpoint and at the end.
+"""σ-VAE trainer: torch DDP (NCCL on GPU, gloo on CPU), AdamW, an encoder started from pretrained ViT weights
+(then with layer-wise LR decay) or from scratch, optional perceptual and patch-GAN losses (adaptive weight),
+resumable checkpoints, PSNR and a reconstruction grid at each eval, and the exported σ-VAE file (with latent
+statistics) at each checkpoint and at the end. `TRAIN_PRESETS["paper"]` is the paper's recipe.
 
 Files under `out_dir`:
   checkpoint.pt   resumable state (model, discriminator, optimizers, step; the RNG is re-seeded from
@@ -16,7 +17,7 @@ import math
 import os
 import signal
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -29,9 +30,11 @@ from tqdm import tqdm
 from latentlm_mcore.training.ranks import rank_and_world_from_env
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.data import ImageDataset, InfiniteDistributedSampler, list_images
-from latentlm_mcore.vae.losses import (PatchDiscriminator, VGG16PerceptualLoss, hinge_d_loss, hinge_g_loss,
-                                       sigma_vae_loss)
+from latentlm_mcore.vae.losses import (PatchDiscriminator, VGG16PerceptualLoss, adaptive_gan_weight, hinge_d_loss,
+                                       hinge_g_loss, sigma_vae_loss)
 from latentlm_mcore.vae.model import SigmaVAE, atomic_torch_save, save_sigma_vae
+from latentlm_mcore.vae.optim import encoder_param_groups, lr_factor
+from latentlm_mcore.vae.pretrained import load_pretrained_encoder
 from latentlm_mcore.vae.stats import LatentStats, compute_latent_stats
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,8 @@ class TrainConfig:
     train_data: str = ""  # folder tree of images, or a .jsonl of paths
     eval_data: str = ""  # held-out images (centre crops) for PSNR and the grid; empty: no eval
     out_dir: str = "outputs/sigma_vae"
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimizer steps; derived from the data instead when epochs > 0
+    epochs: float = 0.0  # > 0: this many passes over train_data at the global batch (batch_size x ranks)
     batch_size: int = 32  # per rank
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -50,13 +54,16 @@ class TrainConfig:
     weight_decay: float = 0.01
     adam_beta1: float = 0.0  # paper appendix B: AdamW β = (0.0, 0.99)
     adam_beta2: float = 0.99
-    layer_decay: float = 0.65  # encoder block i of L gets lr * layer_decay ** (L + 1 - i); paper: 0.65
+    # Pretrained ViT to start the encoder from (vae/pretrained.py: timm, HF ViT, BEiT v2, BEiT-3 layouts);
+    # empty: random init. Read on a fresh start only; a resumed run has it in its checkpoint.
+    init_encoder: str = ""
+    layer_decay: float = 0.65  # with init_encoder: encoder block i of L gets lr * layer_decay ** (L + 1 - i)
     grad_clip: float = 1.0
     crop_min_scale: float = 0.5
-    perceptual_weights: str = ""  # local VGG16 state_dict; empty: no perceptual loss
-    perceptual_weight: float = 1.0
+    perceptual_weight: float = 0.0  # > 0: LPIPS-style VGG16 loss, which needs vgg16_weights
+    vgg16_weights: str = ""  # local torchvision VGG16 state_dict (nothing is downloaded)
     gan_start_step: int = -1  # step at which the patch-GAN hinge loss switches on; -1: never
-    gan_weight: float = 0.1
+    gan_weight: float = 0.5  # factor on LDM's adaptive GAN weight (LDM's disc_weight 0.5)
     disc_channels: int = 64
     disc_layers: int = 3
     log_every: int = 10
@@ -72,6 +79,16 @@ class TrainConfig:
     @property
     def gan_enabled(self) -> bool:
         return self.gan_start_step >= 0
+
+
+# Training recipes by σ-VAE preset name (TrainConfig fields; the command line overrides them).
+TRAIN_PRESETS = {
+    # Paper §3.1.3 / appendix B: 200 epochs (ImageNet-1k at batch 256: 1.0M steps), AdamW β = (0, 0.99), LR 3e-4,
+    # weight decay 0.01, layer decay 0.65 on a pretrained encoder, perceptual + GAN losses "following LDM": LDM's
+    # KL autoencoders' perceptual weight 1.0, discriminator from step 50k (disc_start 50001), adaptive weight x 0.5.
+    "paper": dict(epochs=200.0, lr=3e-4, adam_beta1=0.0, adam_beta2=0.99, weight_decay=0.01, layer_decay=0.65,
+                  perceptual_weight=1.0, gan_start_step=50_000, gan_weight=0.5),
+}
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -93,36 +110,6 @@ def psnr(recon: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
 
 
-def encoder_param_groups(vae: SigmaVAE, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups: layer-wise LR decay on the encoder (BEiT-style: patch embedding is layer 0, block i is
-    layer i + 1, the latent projection is the top and keeps the full LR); the decoder keeps the full LR.
-    Biases, norms and position embeddings get no weight decay."""
-    top = len(vae.encoder.blocks) + 1
-
-    def layer_of(name: str) -> int:
-        if name.startswith("encoder.blocks."):
-            return int(name.split(".")[2]) + 1
-        if name.startswith(("encoder.patch_embed", "encoder.pos_embed")):
-            return 0
-        return top
-
-    groups: dict[tuple, dict] = {}
-    for name, param in vae.named_parameters():
-        decay = 0.0 if param.dim() < 2 or name.endswith("pos_embed") else weight_decay
-        scale = layer_decay ** (top - layer_of(name)) if name.startswith("encoder.") else 1.0
-        group = groups.setdefault((scale, decay), {"params": [], "lr_scale": scale, "weight_decay": decay,
-                                                   "lr": lr * scale})
-        group["params"].append(param)
-    return list(groups.values())
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def save_image_grid(path: str, rows: list[torch.Tensor]) -> None:
     """Rows of [N, 3, H, W] images in [-1, 1] -> one PNG, rows stacked vertically, 2px gaps."""
     n, _, h, w = rows[0].shape
@@ -141,6 +128,10 @@ class SigmaVAETrainer:
     def __init__(self, model_cfg: SigmaVAEConfig, cfg: TrainConfig):
         if not cfg.train_data:
             raise ValueError("TrainConfig.train_data is required (an image folder or a .jsonl of paths)")
+        if cfg.perceptual_weight > 0 and not cfg.vgg16_weights:
+            raise ValueError(f"TrainConfig.perceptual_weight is {cfg.perceptual_weight} but no vgg16_weights file is "
+                             "given: pass --vgg16-weights PATH (a torchvision VGG16 state_dict, e.g. "
+                             "vgg16-397923af.pth) or --perceptual-weight 0")
         self.model_cfg, self.cfg = model_cfg, cfg
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
@@ -149,12 +140,16 @@ class SigmaVAETrainer:
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
         self.export_path = os.path.join(cfg.out_dir, "sigma_vae.pt")
 
-        self.vae = SigmaVAE(model_cfg).to(self.device)
-        self.opt = torch.optim.AdamW(
-            encoder_param_groups(self.vae, cfg.lr, cfg.weight_decay, cfg.layer_decay),
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-        self.perceptual = VGG16PerceptualLoss(cfg.perceptual_weights).to(self.device) \
-            if cfg.perceptual_weights else None
+        self.vae = SigmaVAE(model_cfg)
+        self.encoder_init = None
+        if cfg.init_encoder and not os.path.exists(self.ckpt_path):
+            self.encoder_init = load_pretrained_encoder(self.vae.encoder, cfg.init_encoder)
+        self.vae.to(self.device)
+        # Layer-wise LR decay protects pretrained low layers; a random encoder trains at the full LR throughout.
+        layer_decay = cfg.layer_decay if cfg.init_encoder else 1.0
+        self.opt = torch.optim.AdamW(encoder_param_groups(self.vae, cfg.lr, cfg.weight_decay, layer_decay),
+                                     lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.perceptual = VGG16PerceptualLoss(cfg.vgg16_weights).to(self.device) if cfg.perceptual_weight > 0 else None
         self.disc = self.disc_opt = None
         if cfg.gan_enabled:
             self.disc = PatchDiscriminator(model_cfg.in_channels, cfg.disc_channels, cfg.disc_layers).to(self.device)
@@ -164,6 +159,12 @@ class SigmaVAETrainer:
         self.train_set = ImageDataset(list_images(cfg.train_data), model_cfg.image_size, True, cfg.crop_min_scale)
         self.eval_set = ImageDataset(list_images(cfg.eval_data), model_cfg.image_size, False) \
             if cfg.eval_data else None
+        if cfg.epochs > 0:
+            global_batch = cfg.batch_size * self.world_size
+            self.cfg = cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * len(self.train_set) / global_batch))
+            if self.is_main:
+                log.info("%g epochs of %d images at a global batch of %d: %d steps", cfg.epochs, len(self.train_set),
+                         global_batch, cfg.max_steps)
         self.step = 0
         self.latent_stats: LatentStats | None = None
         self._resume()
@@ -190,6 +191,12 @@ class SigmaVAETrainer:
         if state["model_config"] != asdict(self.model_cfg):
             raise ValueError(f"cannot resume from {self.ckpt_path}: it holds a different model config "
                              f"{state['model_config']} than requested {asdict(self.model_cfg)}")
+        started_from = state["train_config"].get("init_encoder") or ""
+        if bool(started_from) != bool(self.cfg.init_encoder):
+            raise ValueError(f"cannot resume from {self.ckpt_path}: it started from "
+                             f"{started_from or 'a random encoder'} (init_encoder), this run asks for "
+                             f"{self.cfg.init_encoder or 'a random one'}; the encoder's layer-wise LR decay "
+                             "follows that choice, so keep it")
         self.vae.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         if self.disc is not None and state.get("disc") is not None:
@@ -302,9 +309,11 @@ class SigmaVAETrainer:
         with self.autocast:
             recon, mu = self.vae_ddp(images)
             loss, mse, prior = sigma_vae_loss(recon, images, mu, self.model_cfg.beta)
+            rec_loss = mse  # what the GAN weight balances against: reconstruction (+ perceptual), not the prior
             metrics = {"train/mse": mse.item(), "train/prior": prior.item()}
             if self.perceptual is not None:
                 perceptual = self.perceptual(recon, images)
+                rec_loss = rec_loss + cfg.perceptual_weight * perceptual
                 loss = loss + cfg.perceptual_weight * perceptual
                 metrics["train/perceptual"] = perceptual.item()
             if use_gan:
@@ -312,8 +321,10 @@ class SigmaVAETrainer:
                 self.disc.requires_grad_(False)
                 g_loss = hinge_g_loss(self.disc(recon))
                 self.disc.requires_grad_(True)
-                loss = loss + cfg.gan_weight * g_loss
+                gan_weight = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.to_pixels.weight, cfg.gan_weight)
+                loss = loss + gan_weight * g_loss
                 metrics["train/g_loss"] = g_loss.item()
+                metrics["train/gan_weight"] = gan_weight.item()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)

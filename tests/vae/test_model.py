@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latentlm_mcore.vae import (SIGMA_VAE_PRESETS, LatentStats, SigmaVAE, load_sigma_vae, save_sigma_vae)
-from latentlm_mcore.vae.model import atomic_torch_save
+from latentlm_mcore.vae.model import atomic_torch_save, sample_sigma_latents
 
 TINY = SIGMA_VAE_PRESETS["tiny"]
 
@@ -50,6 +50,23 @@ def test_training_pass_adds_per_example_sigma_noise():
     assert torch.allclose(recon0, vae.decode(mu), atol=1e-6)
 
 
+def test_sigma_noise_is_one_scalar_per_example_with_mean_scale_c_sigma():
+    """The official σ-VAE's law: σ = n·C_σ/0.8 per example, so E|σ| ≈ C_σ (reading C_σ as σ's standard deviation
+    would give E|σ| = 0.80·C_σ); within an example every element shares that one σ."""
+    c_sigma, n, elements = 0.6, 4000, 256
+    z = sample_sigma_latents(torch.zeros(n, 16, 16), c_sigma, torch.Generator().manual_seed(0)).reshape(n, elements)
+    per_example = z.pow(2).mean(1).sqrt()  # ≈ |σ| of each example (256 unit normals per example)
+    assert per_example.mean().item() == pytest.approx(c_sigma, rel=0.03)
+    assert z.std().item() == pytest.approx(c_sigma / 0.8, rel=0.03)  # σ's std, `SigmaVAEConfig.sigma_std`
+    assert per_example.std().item() > 0.4 * c_sigma  # a scalar per example varies between examples...
+    assert per_example.min().item() < 0.05 * c_sigma  # ...down to about none (per-element σ would not)
+    mu = torch.randn(3, 4, 2)
+    assert torch.equal(sample_sigma_latents(mu, 0.0), mu)
+    again = sample_sigma_latents(mu, c_sigma, torch.Generator().manual_seed(5))
+    assert torch.equal(again, sample_sigma_latents(mu, c_sigma, torch.Generator().manual_seed(5)))
+    assert SIGMA_VAE_PRESETS["paper"].sigma_std == pytest.approx(0.75 / 0.8)
+
+
 def test_encode_follows_module_dtype_and_rejects_wrong_shapes():
     vae = SigmaVAE(TINY).to(torch.float64)
     mu = vae.encode(_images(2))  # float32 input
@@ -76,6 +93,7 @@ def test_save_load_roundtrip_with_stats(tmp_path):
     assert torch.equal(loaded.latent_stats.std, stats.std)
     payload = torch.load(path, weights_only=True)
     assert set(payload) == {"config", "state_dict", "latent_stats"}
+    assert payload["config"]["c_sigma"] == TINY.c_sigma == 0.4  # what the data loader draws z = μ + σ·ε with
     save_sigma_vae(path, vae)  # no stats given and none attached
     assert load_sigma_vae(path).latent_stats is None
 

@@ -5,16 +5,17 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAE, load_sigma_vae
+from latentlm_mcore.vae import SIGMA_VAE_PRESETS, load_sigma_vae
 from latentlm_mcore.vae.data import ImageDataset, list_images
 from latentlm_mcore.vae.losses import _vgg16_features
-from latentlm_mcore.vae.trainer import SigmaVAETrainer, encoder_param_groups, psnr
+from latentlm_mcore.vae.trainer import SigmaVAETrainer, psnr
 from tests.vae.conftest import TRAIN_STEPS, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -85,23 +86,6 @@ def test_stored_latent_stats_give_unit_scale_on_heldout_crops(trained_run, photo
     assert abs(region.mean().item()) < 0.5 and 0.6 < region.std().item() < 1.5
 
 
-def test_layerwise_lr_decay_on_encoder_only():
-    vae = SigmaVAE(SIGMA_VAE_PRESETS["tiny"])  # 2 encoder blocks: layers 0 (embedding), 1, 2, top 3
-    groups = encoder_param_groups(vae, lr=1.0, weight_decay=0.1, layer_decay=0.5)
-    scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
-    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    named = dict(vae.named_parameters())
-    assert scale_of[id(named["encoder.patch_embed.weight"])] == 0.5 ** 3
-    assert scale_of[id(named["encoder.blocks.0.attn.qkv.weight"])] == 0.5 ** 2
-    assert scale_of[id(named["encoder.blocks.1.mlp.0.weight"])] == 0.5
-    assert scale_of[id(named["encoder.to_latent.weight"])] == 1.0
-    assert scale_of[id(named["decoder.blocks.0.attn.qkv.weight"])] == 1.0
-    assert decay_of[id(named["encoder.blocks.0.norm1.weight"])] == 0.0
-    assert decay_of[id(named["decoder.pos_embed"])] == 0.0
-    assert decay_of[id(named["decoder.to_pixels.weight"])] == 0.1
-    assert len({id(p) for g in groups for p in g["params"]}) == len(named)
-
-
 def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(photo_dirs, tmp_path, monkeypatch):
     cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=6, ckpt_every=2, eval_data="", stats_samples=16,
                             batch_size=4)
@@ -152,8 +136,8 @@ def test_stop_signal_saves_and_exits_at_the_next_step(photo_dirs, tmp_path, monk
 def test_gan_and_perceptual_losses_switch_on_after_gan_start_step(photo_dirs, tmp_path):
     vgg = tmp_path / "vgg16.pth"  # torchvision key layout; random weights since none ship offline
     torch.save({f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}, vgg)
-    cfg = tiny_train_config(*photo_dirs, tmp_path, gan_start_step=2, perceptual_weights=str(vgg), disc_channels=8,
-                            disc_layers=2, batch_size=2)
+    cfg = tiny_train_config(*photo_dirs, tmp_path, gan_start_step=2, perceptual_weight=1.0, vgg16_weights=str(vgg),
+                            disc_channels=8, disc_layers=2, batch_size=2)
     trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
     images = torch.stack([trainer.train_set[0], trainer.train_set[1]])
     disc_before = [p.detach().clone() for p in trainer.disc.parameters()]
@@ -163,6 +147,7 @@ def test_gan_and_perceptual_losses_switch_on_after_gan_start_step(photo_dirs, tm
     trainer.step = 2
     after = trainer._train_step(images)
     assert np.isfinite(after["train/d_loss"]) and np.isfinite(after["train/g_loss"])
+    assert 0 < after["train/gan_weight"] < 0.5 * 1e4  # adaptive (factor 0.5), not the old fixed 0.1
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
 
 
@@ -272,3 +257,50 @@ def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_clus
     assert all(e["eval/images"] == 12 for e in evals)  # each rank evaluated half; the counts were summed
     assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["step"] == 4
     assert load_sigma_vae(out_dir / "sigma_vae.pt").latent_stats is not None
+
+
+def _save_hf_vit(path):
+    """A randomly initialised transformers ViT shaped like the tiny encoder (patch 8, hidden 64, 2 blocks)."""
+    import latentlm_mcore.hf  # noqa: F401  (transformers beside a CPU torch's torchvision)
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(7)
+    model = ViTModel(ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                               image_size=32, patch_size=8), add_pooling_layer=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return model.state_dict()
+
+
+def test_layer_decay_only_for_a_pretrained_encoder_which_resume_keeps(photo_dirs, tmp_path):
+    model_cfg = SIGMA_VAE_PRESETS["tiny"]
+    scratch = SigmaVAETrainer(model_cfg, tiny_train_config(*photo_dirs, tmp_path / "scratch", layer_decay=0.5))
+    assert {g["lr_scale"] for g in scratch.opt.param_groups} == {1.0}  # a random encoder learns at the full LR
+
+    hf = _save_hf_vit(tmp_path / "vit.safetensors")
+    cfg = tiny_train_config(*photo_dirs, tmp_path / "pretrained", layer_decay=0.5, max_steps=1, ckpt_every=1,
+                            eval_data="", stats_samples=8, batch_size=2, init_encoder=str(tmp_path / "vit.safetensors"))
+    trainer = SigmaVAETrainer(model_cfg, cfg)
+    assert trainer.encoder_init.layout == "hf"
+    assert torch.equal(trainer.vae.encoder.blocks[1].mlp[2].weight, hf["encoder.layer.1.output.dense.weight"])
+    scale_of = {id(p): g["lr_scale"] for g in trainer.opt.param_groups for p in g["params"]}
+    assert scale_of[id(trainer.vae.encoder.patch_embed.weight)] == 0.5 ** 3
+    assert scale_of[id(trainer.vae.encoder.blocks[1].attn.qkv.weight)] == 0.5
+    trainer.train()
+    # A resumed run takes its weights from the checkpoint (the file may be gone) and must keep the decay choice.
+    (tmp_path / "vit.safetensors").unlink()
+    resumed = SigmaVAETrainer(model_cfg, replace(cfg, max_steps=2))
+    assert resumed.step == 1 and resumed.encoder_init is None
+    with pytest.raises(ValueError, match="init_encoder.*layer-wise LR decay"):
+        SigmaVAETrainer(model_cfg, replace(cfg, init_encoder=""))
+
+
+def test_epochs_set_the_number_of_steps(photo_dirs, tmp_path):
+    cfg = tiny_train_config(*photo_dirs, tmp_path, epochs=5, batch_size=3, eval_data="")
+    trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
+    assert len(trainer.train_set) == 2 and trainer.cfg.max_steps == 4  # ceil(5 x 2 images / 3 per step)
+
+
+def test_perceptual_loss_without_weights_file_is_a_clear_error(photo_dirs, tmp_path):
+    with pytest.raises(ValueError, match="perceptual_weight is 1.0 but no vgg16_weights.*--perceptual-weight 0"):
+        SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, perceptual_weight=1.0))
