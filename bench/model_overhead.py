@@ -19,6 +19,7 @@ import torch
 
 from latentlm_mcore.config import ModelConfig, ParallelConfig
 from latentlm_mcore.model import build_model, default_block_spec, latentlm_loss, transformer_config
+from latentlm_mcore.model.loss import count_targets, diffusion_weight
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.flops import training_flops
 from latentlm_mcore.training.step import device_batch
@@ -29,8 +30,10 @@ def latentlm_step(model, batch):
     out = model(batch["tokens"], batch["position_ids"], latents=batch["latents"], latent_mask=batch["latent_mask"],
                 labels=batch["labels"], diffusion_targets=batch["diffusion_targets"],
                 diffusion_mask=batch["diffusion_mask"], noise_seed=batch["noise_seed"])
-    loss, _ = latentlm_loss(batch["loss_mask"], model.model_cfg.diffusion_loss_weight, out)
-    loss.backward()
+    counts = count_targets(batch)
+    weight = diffusion_weight(counts.double(), model.model_cfg.diffusion_loss_weight)
+    loss, num_tokens, _ = latentlm_loss(batch["loss_mask"], counts, weight, out)
+    (loss / num_tokens).backward()
 
 
 def gpt_step(model, batch, mask):

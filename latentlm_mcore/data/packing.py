@@ -20,6 +20,9 @@ BATCH CONTRACT (one packed sequence of length s; collate stacks each field into 
     noise_seed         int64 scalar     from (loader seed, global index and offset of the sequence's first
                                         document piece): the same sequence gets the same diffusion noise
                                         under any parallel layout and after any resume
+
+The trainer reads `noise_seed` and `diffusion_mask` on the host and never moves them to the device
+(training/step.py HOST_FIELDS): the diffusion head's rows and noise are decided without a device read-back.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ head's weight gradients are therefore partial per TP rank and are summed over th
 
 Diffusion noise and timesteps are drawn per sample from a generator seeded by the batch's
 `noise_seed`, over the whole sequence, then sliced: every layout (TP, SP, PP, DP) and every resume
-sees identical noise.
+sees identical noise. The seeds and the diffusion mask stay on the host (the trainer does not move
+them), so the last stage never reads a value back from the device: the rows of the latent targets are
+indices computed on the host, gathered with `index_select`.
 """
 from __future__ import annotations
 
@@ -122,8 +124,8 @@ class LatentLMModel(LanguageModule):
         """All tensors batch-first [b, s, ...] as the loader emits them.
 
         Returns on the last pipeline stage, when `labels` is given, a tuple
-        (lm_loss_per_token [b, s], diffusion_loss_per_latent [n_local], num_latents []); the caller
-        masks and normalises them (see `latentlm_loss`). Without labels: (logits [b, s, vocab/TP],
+        (lm_loss_per_token [b, s], diffusion_loss_per_latent_target [n_local]); the caller masks, sums
+        and normalises them over the global batch (see `latentlm_loss`). Without labels: (logits [b, s, vocab/TP],
         hidden [b, s, h]). On other stages: the hidden states for the next stage.
 
         `inference_context` (a megatron `StaticInferenceContext`; generation only): the layers keep
@@ -151,54 +153,68 @@ class LatentLMModel(LanguageModule):
                 hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
             return logits.transpose(0, 1).contiguous(), hidden.transpose(0, 1).contiguous()
         lm_loss = self.compute_language_model_loss(labels, logits)
-        diff_loss, num_latents = self.diffusion_losses(hidden, diffusion_targets, diffusion_mask, noise_seed)
-        return lm_loss, diff_loss, num_latents
+        return lm_loss, self.diffusion_losses(hidden, diffusion_targets, diffusion_mask, noise_seed)
 
     def diffusion_losses(self, hidden: Tensor, targets: Optional[Tensor], mask: Optional[Tensor],
-                         noise_seed: Optional[Tensor]):
-        """Diffusion loss on this TP rank's share of the positions whose next token is a latent.
+                         noise_seed: Optional[Tensor]) -> Tensor:
+        """Diffusion loss of every latent target in this TP rank's share of the positions.
 
-        hidden [s or s/TP, b, h]; targets [b, s, D]; mask [b, s]; noise_seed [b].
-        Returns (per-latent losses [n_local] (one zero-weighted dummy when n_local == 0),
-        number of latents in the whole micro-batch []).
+        hidden [s or s/TP, b, h] on the device; targets [b, s, D] on the device; mask [b, s] (1 where
+        the next token is a latent) and noise_seed [b], both best left on the host: which rows the head
+        sees and how the noise is seeded are then known without reading anything back from the device
+        (a device mask or seed works too, at the cost of a sync). Returns the per-latent losses [n_local],
+        each averaged over its batch_mul timesteps (one zero-weighted dummy row when n_local == 0, so
+        every rank's head takes part in the backward).
         """
         b = hidden.shape[1]
         seq_len = hidden.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
-        if targets is None or mask is None:
+        if targets is None:
             targets = hidden.new_zeros(b, seq_len, self.model_cfg.latent_dim)
-            mask = hidden.new_zeros(b, seq_len)
         if not self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         tp, rank = self.config.tensor_model_parallel_size, parallel_state.get_tensor_model_parallel_rank()
         share = slice(rank * seq_len // tp, (rank + 1) * seq_len // tp)
+        rows = self._latent_target_rows(mask, b, share)
+        empty = rows.numel() == 0
+        if empty:
+            rows = torch.zeros(1, dtype=torch.int64)
+        if hidden.device.type == "cuda":
+            rows = rows.pin_memory()  # a copy from pageable memory may wait for the stream
+        rows = rows.to(hidden.device, non_blocking=True)
         timesteps, noise = self._sample_noise(noise_seed, b, seq_len, hidden.device)
 
-        def local(x):  # [b, s, ...] -> this rank's share as [s/TP, b, ...]
-            return x.transpose(0, 1)[share]
+        def gather(x):  # [b, s, ...] -> the target rows of this rank's share, [n_local, ...]
+            local = x.transpose(0, 1)[share]
+            return local.reshape(-1, *local.shape[2:]).index_select(0, rows)
 
-        select = local(mask) > 0
-        n_local = int(select.sum())
-        num_latents = (mask > 0).sum().to(torch.float32)
-        if n_local == 0:
-            # touch the head anyway (zero-weighted) so every rank reduces the same gradients
-            select = torch.zeros_like(select)
-            select[0, 0] = True
-        losses = diffusion_loss(self.diffusion_head, self.noise_schedule, hidden[select],
-                                local(targets)[select].to(hidden.dtype), local(timesteps)[select],
-                                local(noise)[select].to(hidden.dtype))
-        if n_local == 0:
-            losses = losses * 0.0
-        return losses, num_latents
+        condition = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+        losses = diffusion_loss(self.diffusion_head, self.noise_schedule, condition, gather(targets).to(hidden.dtype),
+                                gather(timesteps), gather(noise).to(hidden.dtype))
+        return losses * 0.0 if empty else losses
+
+    @staticmethod
+    def _latent_target_rows(mask: Optional[Tensor], b: int, share: slice) -> Tensor:
+        """Host int64 indices of the latent targets in the share flattened as [s/TP * b] (position-major,
+        the layout of the hidden states): (position - share.start) * b + sample."""
+        if mask is None:
+            return torch.zeros(0, dtype=torch.int64)
+        positions, samples = (mask.detach().cpu()[:, share] > 0).t().nonzero(as_tuple=True)
+        return positions * b + samples
 
     def _sample_noise(self, noise_seed: Optional[Tensor], b: int, seq_len: int, device):
+        """Timesteps [b, s, k] and noise [b, s, k, D] for every position, drawn per sample on `device` from a
+        generator seeded by its noise_seed (read on the host), then sliced by the caller: every layout
+        (TP, SP, PP, DP) and every resume sees the same noise on the same kind of device."""
         k, d, T = self.model_cfg.batch_mul, self.model_cfg.latent_dim, self.model_cfg.num_timesteps
         if noise_seed is None:
             raise ValueError("noise_seed is required to train the diffusion head: one int per sample, "
                              "so that every parallel layout and every resume draws the same noise")
+        seeds = noise_seed.detach().cpu().reshape(-1).tolist()
+        if len(seeds) != b:
+            raise ValueError(f"noise_seed has {len(seeds)} entries for a micro-batch of {b} sequences")
         timesteps, noise = [], []
-        for seed in noise_seed.reshape(-1).tolist():
+        for seed in seeds:
             g = torch.Generator(device=device).manual_seed(int(seed))
             timesteps.append(torch.randint(0, T, (seq_len, k), generator=g, device=device))
             noise.append(torch.randn(seq_len, k, d, generator=g, device=device))
-        assert len(timesteps) == b, f"noise_seed has {len(timesteps)} entries for a micro-batch of {b}"
         return torch.stack(timesteps), torch.stack(noise)

@@ -206,7 +206,7 @@ def load_run_config(directory: str):
         payload = json.load(f)
     c = payload["config"]
     cfg = LatentLMConfig(name=c["name"], model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
-                         parallel=ParallelConfig(**c["parallel"]))
+                         parallel=ParallelConfig(**c["parallel"]), cfg_scale=c.get("cfg_scale"))
     return cfg, payload.get("extra", {})
 
 

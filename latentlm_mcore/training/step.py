@@ -11,33 +11,44 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
 from latentlm_mcore.config import ParallelConfig, TrainConfig
-from latentlm_mcore.model import finalize_latentlm_grads, latentlm_loss
+from latentlm_mcore.model.loss import (count_targets, diffusion_weight, finalize_latentlm_grads, global_target_counts,
+                                      latentlm_loss)
 
-# The packed-batch fields the model consumes (see the data packer for their meaning).
-MODEL_INPUTS = ("tokens", "position_ids", "latents", "latent_mask", "labels", "diffusion_targets",
-                "diffusion_mask", "noise_seed")
+# Batch fields the model reads on the host: the diffusion noise seeds and the latent-target mask decide
+# which rows the diffusion head sees, and reading them back from the device would stall every micro-batch.
+HOST_FIELDS = ("noise_seed", "diffusion_mask")
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def device_batch(batch: dict) -> dict:
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch with its tensors on the compute device, except `HOST_FIELDS`."""
+    device = compute_device()
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k not in HOST_FIELDS else v
+            for k, v in batch.items()}
 
 
-def forward_step(data_iterator, model):
-    """megatron `forward_step_func`: every pipeline stage reads the same micro-batch (stages only
-    use the fields they need), so TP and PP peers must be fed identical batches."""
-    batch = device_batch(next(data_iterator))
+def forward_step(weight: torch.Tensor, data_iterator, model):
+    """megatron `forward_step_func` (bound to the global batch's `diffusion_weight` with partial):
+    every pipeline stage reads the same micro-batch (stages only use the fields they need), so TP and
+    PP peers must be fed identical batches."""
+    host = next(data_iterator)
+    batch = device_batch(host)
     output = model(batch["tokens"], batch["position_ids"], latents=batch["latents"],
                    latent_mask=batch["latent_mask"], labels=batch["labels"],
                    diffusion_targets=batch["diffusion_targets"], diffusion_mask=batch["diffusion_mask"],
                    noise_seed=batch["noise_seed"])
-    alpha = get_attr_wrapped_model(model, "model_cfg").diffusion_loss_weight
-    return output, partial(latentlm_loss, batch["loss_mask"], alpha)
+    return output, partial(latentlm_loss, batch["loss_mask"], count_targets(host), weight)
 
 
 def wrap_with_ddp(chunks, parallel: ParallelConfig, overlap_grad_reduce: bool = False):
-    """megatron DDP around each model chunk; grads reduced in fp32. Wires the schedule's hooks."""
+    """megatron DDP around each model chunk; grads reduced in fp32. Wires the schedule's hooks and
+    turns on megatron's per-token loss normalisation, which `latentlm_loss` is written for (the
+    token-level objective, see model/loss.py): set before DDP is built, which reads it."""
     config = get_model_config(chunks[0])
+    config.calculate_per_token_loss = True
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=parallel.distributed_optimizer)
@@ -60,57 +71,81 @@ def build_optimizer(chunks, train: TrainConfig, parallel: ParallelConfig, params
 
 
 def forward_backward(chunks, data_iterator, num_microbatches: int, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> list[dict]:
-    """megatron's schedule (1F1B / interleaved when PP > 1) over `num_microbatches`; gradients
-    end reduced in the DDP buffers (`finalize_latentlm_grads`). Reports exist on the last stage."""
+                     micro_batch_size: int, forward_only: bool = False) -> dict:
+    """megatron's schedule (1F1B / interleaved when PP > 1) over `num_microbatches`; gradients end
+    reduced in the DDP buffers (`finalize_latentlm_grads`), as those of the token-level loss of the
+    global batch. `data_iterator`: one iterator of host micro-batches, or one per model chunk (virtual
+    pipeline stages), yielding the same micro-batches.
+
+    The step's micro-batches are read first: the global counts of LM and latent targets (one DP
+    all-reduce) fix the diffusion term's weight before the first micro-batch runs. Returns
+    `reduce_reports`' token-level losses, valid on every rank.
+    """
+    iterators = data_iterator if isinstance(data_iterator, list) else [data_iterator]
+    micro_batches = [[next(it) for _ in range(num_microbatches)] for it in iterators]
+    model_cfg = get_attr_wrapped_model(chunks[0], "model_cfg")
+    counts = global_target_counts(micro_batches[0], compute_device())
+    feeds = [iter(batches) for batches in micro_batches]
     if not forward_only:
         for chunk in chunks:
             chunk.zero_grad_buffer()
-    return get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=data_iterator, model=chunks,
+    reports = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, diffusion_weight(counts, model_cfg.diffusion_loss_weight)),
+        data_iterator=feeds if len(feeds) > 1 else feeds[0], model=chunks,
         num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,
         forward_only=forward_only)
+    return reduce_reports(reports, model_cfg.diffusion_loss_weight)
 
 
 def train_step(chunks, optimizer, data_iterator, num_microbatches: int, seq_length: int,
                micro_batch_size: int) -> dict:
     """Forward/backward over `num_microbatches`, then one optimizer step.
 
-    Returns the mean of each reported loss over micro-batches and data-parallel ranks, valid on
-    every rank, plus grad_norm and whether the update was applied.
+    Returns the token-level losses of the global batch (`reduce_reports`), valid on every rank, plus
+    grad_norm and whether the update was applied.
     """
     optimizer.zero_grad()
-    reports = forward_backward(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size)
+    result = forward_backward(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size)
     update_ok, grad_norm, _ = optimizer.step()
-    result = reduce_reports(reports)
     result.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), update_ok=bool(update_ok))
     return result
 
 
-def reduce_reports(reports: list[dict]) -> dict:
-    """Mean over micro-batches and data-parallel ranks, made available on every rank."""
-    keys = ("loss", "lm loss", "diffusion loss")
-    values = torch.zeros(len(keys), dtype=torch.float64)
+def reduce_reports(reports: list[dict], diffusion_loss_weight: float) -> dict:
+    """The token-level L_LM, L_Diff and L = L_LM + alpha * L_Diff of the global batch, and its target
+    counts, made available on every rank: the micro-batches' loss sums and target counts are added up,
+    the diffusion sums over TP (each TP rank holds its share of the positions), everything over DP, and
+    the result is broadcast from the last pipeline stage. One read-back from the device per step."""
+    device = compute_device()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.float64)
     if reports:  # only the last pipeline stage has them
-        values = torch.tensor([[float(r[k]) for k in keys] for r in reports], dtype=torch.float64).mean(0)
-    if torch.cuda.is_available():
-        values = values.cuda()
+        sums = torch.stack([torch.stack([r["lm loss sum"], r["diffusion loss sum"]]) for r in reports]).double().sum(0)
+        counts = torch.stack([torch.stack([r["lm targets"], r["diffusion targets"]]) for r in reports]).double().sum(0)
+        if parallel_state.get_tensor_model_parallel_world_size() > 1:
+            diffusion = sums[1:].contiguous()
+            torch.distributed.all_reduce(diffusion, group=parallel_state.get_tensor_model_parallel_group())
+            sums = torch.cat([sums[:1], diffusion])
+    values = torch.cat([sums, counts.to(device, non_blocking=True)])
     if parallel_state.get_data_parallel_world_size() > 1:
         torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        values /= parallel_state.get_data_parallel_world_size()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         torch.distributed.broadcast(values, src=src, group=parallel_state.get_pipeline_model_parallel_group())
-    return dict(zip(keys, values.tolist()))
+    lm_sum, diffusion_sum, lm_targets, diffusion_targets = values.tolist()
+    lm, diffusion = lm_sum / max(lm_targets, 1.0), diffusion_sum / max(diffusion_targets, 1.0)
+    return {"loss": lm + diffusion_loss_weight * diffusion, "lm loss": lm, "diffusion loss": diffusion,
+            "lm targets": int(lm_targets), "diffusion targets": int(diffusion_targets)}
 
 
 def evaluate(chunks, data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int) -> dict:
-    """Forward-only pass over `num_microbatches`; same reduction as `train_step`."""
+    """Forward-only pass over `num_microbatches`: the token-level losses of those micro-batches of every
+    DP rank together, as `train_step` reports them."""
     for chunk in chunks:
         chunk.eval()
     with torch.no_grad():
-        reports = forward_backward(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
-                                   forward_only=True)
+        result = forward_backward(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
+                                  forward_only=True)
     for chunk in chunks:
         chunk.train()
-    return reduce_reports(reports)
+    return result

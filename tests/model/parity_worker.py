@@ -18,7 +18,7 @@ from latentlm_mcore.config import ModelConfig, ParallelConfig, TrainConfig
 from latentlm_mcore.model import build_model, local_block_spec, transformer_config
 from latentlm_mcore.training.checkpoint import load_model, save_model
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from latentlm_mcore.training.step import build_optimizer, evaluate, forward_backward, reduce_reports, wrap_with_ddp
+from latentlm_mcore.training.step import build_optimizer, evaluate, forward_backward, wrap_with_ddp
 from latentlm_mcore.training.synthetic import random_packed_batch
 
 MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=256,
@@ -116,11 +116,11 @@ def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict,
     for step in range(STEPS):
         data = my_micro_batches(global_micro_batches(step))
         optimizer.zero_grad()
-        reports = forward_backward(chunks, iter(data), len(data), MODEL.seq_length, MBS)
+        losses = forward_backward(chunks, iter(data), len(data), MODEL.seq_length, MBS)
         gather_grad_buffers_over_dp(chunks[0])
         grads = canonical_tensors(model, "grad")
         ok, grad_norm, _ = optimizer.step()
-        record["steps"].append({**reduce_reports(reports), "grad_norm": float(grad_norm), "update_ok": bool(ok),
+        record["steps"].append({**losses, "grad_norm": float(grad_norm), "update_ok": bool(ok),
                                 "grads": grads, "params": canonical_tensors(model, "param")})
     if save_trained:
         save_model(chunks, trained_ckpt)

@@ -4,6 +4,7 @@ import torch
 
 from latentlm_mcore.config import ParallelConfig, count_parameters, get_preset
 from latentlm_mcore.model import build_model, latentlm_loss, transformer_config
+from latentlm_mcore.model.loss import count_targets
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.synthetic import random_packed_batch
 
@@ -23,10 +24,16 @@ def model():
 
 
 def run(model, batch):
+    """(model outputs, (loss, report)) with the report's sums turned into this batch's mean losses."""
     out = model(batch["tokens"], batch["position_ids"], latents=batch["latents"], latent_mask=batch["latent_mask"],
                 labels=batch["labels"], diffusion_targets=batch["diffusion_targets"],
                 diffusion_mask=batch["diffusion_mask"], noise_seed=batch["noise_seed"])
-    return out, latentlm_loss(batch["loss_mask"], 1.0, out)
+    counts = count_targets(batch)
+    loss, num_tokens, report = latentlm_loss(batch["loss_mask"], counts, torch.tensor(1.0), out)
+    assert int(num_tokens) == int(counts[0])
+    means = {"lm loss": (report["lm loss sum"] / report["lm targets"].clamp(min=1)).item(),
+             "diffusion loss": (report["diffusion loss sum"] / report["diffusion targets"].clamp(min=1)).item()}
+    return out, (loss, means)
 
 
 def batch(model, images=2, seed=0):
@@ -94,3 +101,29 @@ def test_batch_without_latents_still_touches_the_head_with_zero_weight(model):
     assert all(g is not None for g in head_grads), "every head parameter takes part in the backward"
     assert all(torch.count_nonzero(g) == 0 for g in head_grads)
     assert model.output_layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("images", [2, 0])
+def test_diffusion_losses_read_nothing_back_from_the_device(model, images):
+    """No host sync on the last stage's diffusion path: with the device-side tensors (hidden states,
+    targets, head weights, noise) on the meta device, which holds no values, any .item(), .tolist(),
+    nonzero or boolean-mask gather on them raises; the host fields (mask, seeds) stay on the CPU."""
+    import copy
+
+    b = batch(model, images=images)
+    cfg = model.model_cfg
+    head, sample_noise = model.diffusion_head, model._sample_noise
+
+    def noise_on_meta(seed, n, s, device):
+        assert device.type == "meta" and seed.device.type == "cpu"
+        return tuple(x.to("meta") for x in sample_noise(seed, n, s, torch.device("cpu")))
+
+    model.diffusion_head, model._sample_noise = copy.deepcopy(head).to("meta"), noise_on_meta
+    try:
+        hidden = torch.empty(cfg.seq_length, 2, cfg.hidden_size, device="meta")
+        losses = model.diffusion_losses(hidden, b["diffusion_targets"].to("meta"), b["diffusion_mask"], b["noise_seed"])
+    finally:
+        model.diffusion_head = head
+        del model._sample_noise  # the instance attribute: the method shows again
+    assert losses.device.type == "meta"
+    assert losses.shape == (max(int(b["diffusion_mask"].sum()), 1),)
