@@ -153,7 +153,7 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler,
         shutil.rmtree(tmp, ignore_errors=True)  # debris of a save that crashed
         os.makedirs(tmp)
     torch.distributed.barrier()
-    state = drop_absent_extra_state(model_sharded_state_dict(chunks), path)
+    state = model_sharded_state_dict(chunks)
     model_state = dict(state)
     state["optimizer"] = optimizer.sharded_state_dict(model_state, metadata=OPTIMIZER_METADATA)
     state["rng_state"] = _rng_sharded_object()

@@ -166,10 +166,12 @@ def check_sigma_vae(model_cfg, cfg, machine: Machine) -> None:
         problems.append(f"the σ-VAE trains under BF16 autocast on a GPU; {machine.gpu} has no BF16 support")
     if not cfg.train_data:
         problems.append("--train-data is required (an image folder or a .jsonl of paths)")
-    # a resumed run has its initial encoder in its checkpoint: the file may be gone by then
+    # files only where they are read: a resumed run has its initial encoder in its checkpoint (the file may be
+    # gone by then), and the VGG16 weights serve the perceptual loss alone
     resuming = os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt"))
     for flag, path in (("--train-data", cfg.train_data), ("--eval-data", cfg.eval_data),
-                       ("--init-encoder", "" if resuming else cfg.init_encoder), ("--vgg16-weights", cfg.vgg16_weights)):
+                       ("--init-encoder", "" if resuming else cfg.init_encoder),
+                       ("--vgg16-weights", cfg.vgg16_weights if cfg.perceptual_weight > 0 else "")):
         if path and not os.path.exists(path):
             problems.append(f"{flag} {path}: no such file or folder")
     if cfg.perceptual_weight > 0 and not cfg.vgg16_weights:
