@@ -34,7 +34,7 @@ class Machine:
     gpu: str | None = None  # torch.cuda.get_device_name(), None without CUDA
     capability: tuple[int, int] | None = None  # torch.cuda.get_device_capability()
     gpus: int = 0  # devices visible to this process
-    bf16: bool = False  # torch.cuda.is_bf16_supported()
+    bf16: bool = False  # BF16 tensor cores (compute capability 8.0+)
     transformer_engine: str | None = None  # TE's version when transformer_engine.pytorch imports
     transformer_engine_error: str | None = None  # why it does not, when it does not
 
@@ -53,8 +53,10 @@ def probe_machine() -> Machine:
         te = getattr(transformer_engine, "__version__", "unknown version")
     except Exception as e:  # ImportError, or a TE build that does not match the driver / torch
         error = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-    return Machine(gpu=torch.cuda.get_device_name(), capability=tuple(torch.cuda.get_device_capability()),
-                   gpus=torch.cuda.device_count(), bf16=torch.cuda.is_bf16_supported(),
+    capability = tuple(torch.cuda.get_device_capability())
+    # BF16 tensor cores from Ampere (8.0) on; read off the capability, which allocates nothing on the device
+    return Machine(gpu=torch.cuda.get_device_name(), capability=capability,
+                   gpus=torch.cuda.device_count(), bf16=capability >= (8, 0),
                    transformer_engine=te, transformer_engine_error=error)
 
 

@@ -183,8 +183,12 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
     summary: final iteration, why it stopped, the last logged metrics."""
     t, p = cfg.train, cfg.parallel
-    # refuse before any process group or model exists what this machine or layout cannot run
-    machine, (_, world_size, _) = probe_machine(), rank_and_world_from_env()
+    # refuse before any process group or model exists what this machine or layout cannot run; the probe
+    # (which imports TE) runs on this rank's own GPU, not on GPU 0 of every rank
+    _, world_size, local_rank = rank_and_world_from_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    machine = probe_machine()
     check_pretrain(cfg, run, machine, world_size)
     peak, peak_description = device_peak_tflops(run.peak_tflops, "fp8" if run.fp8 else "bf16")
     init_distributed(p, seed=t.seed)
