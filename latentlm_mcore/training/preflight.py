@@ -157,7 +157,7 @@ def describe_pretrain(cfg, run, machine: Machine, world_size: int, peak: str) ->
               f"VPP={p.virtual_pipeline_parallel or 1} distributed optimizer {'on' if p.distributed_optimizer else 'off'}")
     data = run.data or "random packed batches (no --data)"
     recompute = run.recompute or "none"
-    return (f"run {cfg.name}: {world_size} processes on {device} | layer spec {spec} | precision "
+    return (f"run {cfg.name}: {_processes(world_size)} on {device} | layer spec {spec} | precision "
             f"{effective_precision(run, machine)} | recompute {recompute} | {layout} | data {data} | MFU: {peak}")
 
 
@@ -195,5 +195,9 @@ def describe_sigma_vae(model_cfg, cfg, machine: Machine, world_size: int) -> str
     losses = ["MSE", "σ-VAE prior"] + (["perceptual"] if cfg.perceptual_weight > 0 else []) + \
         ([f"GAN from step {cfg.gan_start_step}"] if cfg.gan_start_step >= 0 else [])
     encoder = f"encoder from {cfg.init_encoder}" if cfg.init_encoder else "random encoder"
-    return (f"σ-VAE run: {world_size} processes on {device} | precision {precision} | losses {', '.join(losses)} | "
+    return (f"σ-VAE run: {_processes(world_size)} on {device} | precision {precision} | losses {', '.join(losses)} | "
             f"{encoder} | data {cfg.train_data}")
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"

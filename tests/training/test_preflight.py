@@ -109,7 +109,7 @@ def test_sigma_vae_options_are_checked_against_machine_and_files(tmp_path):
     (tmp_path / "images").mkdir()
     ok = TrainConfig(train_data=str(tmp_path / "images"), out_dir=str(tmp_path / "out"))
     check_sigma_vae(model, ok, CPU)
-    assert "σ-VAE run: 1 processes on CPU | precision fp32" in describe_sigma_vae(model, ok, CPU, 1)
+    assert "σ-VAE run: 1 process on CPU | precision fp32" in describe_sigma_vae(model, ok, CPU, 1)
     for bad, expected in [
         (replace(ok, init_encoder=str(tmp_path / "vit.pth")), "--init-encoder"),
         (replace(ok, perceptual_weight=1.0), "needs --vgg16-weights"),
