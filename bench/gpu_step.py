@@ -1,9 +1,11 @@
 """Step time and MFU of a preset on one GPU, BF16 and (when Transformer Engine imports) FP8, side by side.
 
-On a lent GPU machine, with its preinstalled torch and megatron-core carried as a wheel:
-    pip download megatron-core==0.16.1 --no-deps -d wheels/            # here, before the run
-    pip install --no-deps wheels/megatron_core-*.whl && pip install -e . --no-deps && \\
-        python bench/gpu_step.py --preset mllm-1.3b                    # there; fits in ~5 minutes
+On a GPU machine with its own torch (NGC containers and the lent H200 run Python 3.12), megatron-core and our
+pure-Python dependencies carried as wheels for that Python (`scripts/gpu_check.sh --collect` does this):
+    python -m pip download megatron-core==0.16.1 --no-deps --only-binary=:all: --python-version 3.12 \\
+        --platform manylinux_2_28_x86_64 -d .whl/                       # here, before the run (cp312 wheel)
+    python -m pip install --no-deps --target .whl/site .whl/*.whl && \\
+        PYTHONPATH=.whl/site:. python bench/gpu_step.py --preset mllm-1.3b --micro-batch-size 1   # there
 Each numeric mode runs in a fresh process (TE's FP8 state is global), on random packed batches at the
 preset's sequence length, through the real training step (megatron DDP, distributed optimizer,
 schedule). Prints a table plus the FP8/BF16 speed-up and writes bench/results/gpu_step.json.
@@ -28,7 +30,7 @@ def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, st
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
     from latentlm_mcore.training.flops import head_forward_flops, training_flops
     from latentlm_mcore.training.metrics import device_peak_tflops
-    from latentlm_mcore.training.step import build_optimizer, device_batch, train_step, wrap_with_ddp
+    from latentlm_mcore.training.step import build_optimizer, train_step, wrap_with_ddp
     from latentlm_mcore.training.synthetic import random_packed_batch
     from latentlm_mcore.training.trainer import build_model_chunks
 
@@ -41,8 +43,9 @@ def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, st
     optimizer = build_optimizer(chunks, cfg.train, parallel, params_dtype=dtype)
     latents_per_image = min(256, m.seq_length // 4)
     images = max(1, m.seq_length // (4 * (latents_per_image + 2)))  # ~25% of positions are latents
-    batches = (device_batch(random_packed_batch(micro_batch_size, m.seq_length, m.vocab_size, m.latent_dim,
-                                                latents_per_image, images, seed=i)) for i in range(10**9))
+    # host batches, as the loader yields them: the step copies them (its HOST_FIELDS stay on the host)
+    batches = (random_packed_batch(micro_batch_size, m.seq_length, m.vocab_size, m.latent_dim,
+                                   latents_per_image, images, seed=i) for i in range(10**9))
     times, mem = [], 0
     for i in range(warmup + steps):
         if torch.cuda.is_available():
@@ -57,10 +60,10 @@ def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, st
     step = statistics.median(times)
     sequences = micro_batch_size * microbatches
     flops = sequences * training_flops(m, m.seq_length) + 3 * head_forward_flops(m, sequences * images * latents_per_image)
-    peak = device_peak_tflops()
+    peak, peak_description = device_peak_tflops(None, "fp8" if mode == "fp8" else "bf16")
     out = {"mode": mode, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "median_step_s": step, "tokens_per_s": sequences * m.seq_length / step,
-           "tflops": flops / step / 1e12, "mfu": flops / step / 1e12 / peak if peak else None,
+           "tflops": flops / step / 1e12, "mfu": flops / step / 1e12 / peak if peak else None, "peak": peak_description,
            "max_memory_gib": mem, "last_loss": result["loss"], "sequences_per_step": sequences}
     shutdown_distributed()
     return out
@@ -102,7 +105,7 @@ def main():
         r = results[-1]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{args.preset} {mode:>4} on {r['device']}: {r['median_step_s']:.3f} s/step, {r['tokens_per_s']:,.0f} tok/s, "
-              f"{r['tflops']:.1f} TFLOP/s, MFU {mfu}, peak mem {r['max_memory_gib']:.1f} GiB", flush=True)
+              f"{r['tflops']:.1f} TFLOP/s, MFU {mfu} ({r['peak']}), peak mem {r['max_memory_gib']:.1f} GiB", flush=True)
     summary = {"preset": args.preset, "results": results}
     by_mode = {r["mode"]: r for r in results}
     if "bf16" in by_mode and "fp8" in by_mode:

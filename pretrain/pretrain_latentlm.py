@@ -9,6 +9,7 @@ or from Slurm (srun: SLURM_PROCID / SLURM_NTASKS, with MASTER_ADDR / MASTER_PORT
 A run resumes from the latest checkpoint in --save automatically.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentlm_mcore.config import (ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig,  # noqa: E402
                                    add_config_arguments, apply_overrides, config_overrides, get_preset)
+from latentlm_mcore.training.preflight import PreflightError  # noqa: E402
 from latentlm_mcore.training.trainer import pretrain  # noqa: E402
 
 
@@ -33,7 +35,12 @@ def main(argv=None):
     cfg = apply_overrides(get_preset(args.preset), overrides)
     run_fields = {f for f in RunConfig.__dataclass_fields__}
     run = apply_overrides(RunConfig(), {k: v for k, v in config_overrides(args).items() if k in run_fields})
-    summary = pretrain(cfg, run)
+    try:
+        summary = pretrain(cfg, run)
+    except PreflightError as e:  # every rank refuses alike; one says why
+        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            print(f"pretrain_latentlm.py: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0 if summary["stop_reason"] in ("finished", "exit_after") or summary["stop_reason"].startswith("signal") else 1
 
 

@@ -54,7 +54,8 @@ forward_signal() {  # USR1 from Slurm (time limit) or TERM (preemption): tasks s
 }
 trap forward_signal USR1 TERM
 
-srun --kill-on-bad-exit=1 --cpu-bind=none "$PYTHON" pretrain/pretrain_latentlm.py "${args[@]}" "$@" &
+# --cpus-per-task again on srun: Slurm 22.05-23.02 does not pass the batch value on to srun's tasks
+srun --kill-on-bad-exit=1 --cpu-bind=none --cpus-per-task "${SLURM_CPUS_PER_TASK:-1}" "$PYTHON" pretrain/pretrain_latentlm.py "${args[@]}" "$@" &
 srun_pid=$!
 set +e
 wait "$srun_pid"; rc=$?

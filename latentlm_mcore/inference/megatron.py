@@ -38,6 +38,7 @@ def load_megatron_model(checkpoint: str, iteration: int | None = None):
 
     from latentlm_mcore.model import build_model, local_block_spec, transformer_config
     from latentlm_mcore.training.checkpoint import load_model, load_run_config, resolve_checkpoint
+    from latentlm_mcore.training.step import compute_device
 
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
@@ -58,6 +59,9 @@ def load_megatron_model(checkpoint: str, iteration: int | None = None):
         if not dist_checkpointing.check_is_distributed_checkpoint(directory):
             raise FileNotFoundError(f"{directory}: not a megatron distributed checkpoint") from e
         raise RuntimeError(f"{directory}: incomplete or unreadable checkpoint ({type(e).__name__}: {e})") from e
+    # one device for the whole model: megatron's layers are built on the current CUDA device when there
+    # is one, and the generation loop reads the device off the diffusion head
+    model.to(compute_device())
     model.eval()
     return model, cfg, extra, directory
 

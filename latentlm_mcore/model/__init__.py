@@ -1,6 +1,8 @@
 """LatentLM on Megatron-Core: model, layer specs, diffusion head, loss."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -13,12 +15,39 @@ from latentlm_mcore.model.loss import finalize_latentlm_grads, latentlm_loss
 from latentlm_mcore.model.specs import default_block_spec, local_block_spec, te_block_spec, transformer_engine_available
 
 
+def kernel_imports(module: str) -> bool:
+    """Whether the compiled extension `module` (apex / megatron fused kernels) imports here."""
+    try:
+        importlib.import_module(module)
+    except Exception:  # ImportError, or an extension built against another torch / CUDA
+        return False
+    return True
+
+
+def available_fusions(on_gpu: bool) -> dict:
+    """The TransformerConfig fusion switches, each on only where the kernel megatron calls for it imports:
+    a switch whose kernel is absent fails at the first forward (softmax), at build (gradient accumulation)
+    or at config time (RoPE). bias_activation_fusion and persist_layer_norm stay off: the backbone has no
+    biases, and the persistent LayerNorm is apex's LayerNorm, not the RMSNorm used here."""
+    te = on_gpu and transformer_engine_available()
+    return dict(
+        # FusedScaleMaskSoftmax (local attention only; TE's attention is fused by itself)
+        masked_softmax_fusion=on_gpu and kernel_imports("scaled_masked_softmax_cuda")
+        and kernel_imports("scaled_upper_triang_masked_softmax_cuda"),
+        # the wgrad GEMM accumulates into main_grad; our output layer is a local ColumnParallelLinear, so
+        # apex's kernel is needed even when TE fuses its own layers
+        gradient_accumulation_fusion=on_gpu and kernel_imports("fused_weight_gradient_mlp_cuda"),
+        apply_rope_fusion=te,  # TE's fused_apply_rotary_pos_emb
+    )
+
+
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, params_dtype=torch.float32,
                        **overrides) -> TransformerConfig:
     """megatron TransformerConfig for the backbone: pre-RMSNorm, SwiGLU, RoPE, no biases.
 
     `overrides` pass straight through (FP8 recipe, recompute, dropout, ...). Without CUDA the
-    weights are initialised on the CPU, which also makes them identical across TP sizes.
+    weights are initialised on the CPU, which also makes them identical across TP sizes. Fusions are
+    on where their kernels import (`available_fusions`).
     """
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
@@ -34,8 +63,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, params_dtyp
         bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         batch_p2p_sync=on_gpu,  # the batched p2p path calls torch.cuda.synchronize()
-        masked_softmax_fusion=on_gpu, bias_activation_fusion=False, gradient_accumulation_fusion=False,
-        persist_layer_norm=False, apply_rope_fusion=False,
+        bias_activation_fusion=False, persist_layer_norm=False, **available_fusions(on_gpu),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -50,6 +78,6 @@ def build_model(model_cfg: ModelConfig, config: TransformerConfig, block_spec=No
 
 
 __all__ = [
-    "DiffusionHead", "LatentLMModel", "build_model", "default_block_spec", "finalize_latentlm_grads",
+    "DiffusionHead", "LatentLMModel", "available_fusions", "build_model", "default_block_spec", "finalize_latentlm_grads",
     "latentlm_loss", "local_block_spec", "te_block_spec", "transformer_config", "transformer_engine_available",
 ]

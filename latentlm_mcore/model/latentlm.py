@@ -38,6 +38,16 @@ from latentlm_mcore.diffusion import NoiseSchedule, diffusion_loss
 from latentlm_mcore.model.diffusion_head import DiffusionHead
 
 
+def init_device(config: TransformerConfig) -> torch.device:
+    """Where megatron's layers allocate their weights under `config`: the CPU with
+    `use_cpu_initialization`, else the current CUDA device. The parameters outside megatron layers
+    (latent projection, diffusion head) are created there too, so the TP broadcast of them runs on the
+    device of the group's backend and the whole model sits on one device from the start."""
+    if config.use_cpu_initialization:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class LatentLMModel(LanguageModule):
     def __init__(self, config: TransformerConfig, model_cfg: ModelConfig, block_spec: TransformerBlockSubmodules,
                  pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
@@ -59,6 +69,8 @@ class LatentLMModel(LanguageModule):
             self.latent_projection = torch.nn.Linear(model_cfg.latent_dim, config.hidden_size, bias=False,
                                                      dtype=config.params_dtype)
             torch.nn.init.normal_(self.latent_projection.weight, std=model_cfg.init_std)
+            # drawn on the CPU (the same values on every kind of machine), then moved
+            self.latent_projection.to(init_device(config))
         self.rotary_pos_emb = RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
                                               rotary_base=model_cfg.rotary_base,
                                               use_cpu_initialization=config.use_cpu_initialization)
@@ -69,7 +81,7 @@ class LatentLMModel(LanguageModule):
                 config.hidden_size, model_cfg.vocab_size, config=config, init_method=config.init_method,
                 bias=False, skip_bias_add=False, gather_output=False,
                 skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights)
-            self.diffusion_head = DiffusionHead.from_config(model_cfg).to(config.params_dtype)
+            self.diffusion_head = DiffusionHead.from_config(model_cfg).to(init_device(config), config.params_dtype)
             self.noise_schedule = NoiseSchedule(model_cfg.num_timesteps, model_cfg.prediction)
         self.setup_embeddings_and_output_layer()
         self._broadcast_replicated_params_over_tp()
@@ -87,6 +99,8 @@ class LatentLMModel(LanguageModule):
     def _broadcast_replicated_params_over_tp(self):
         # torch initialises these from the default generator; make the TP copies identical by
         # construction rather than by trusting every rank consumed that generator identically.
+        # They live where megatron put its own weights (`init_device`): on a GPU run that is the
+        # current CUDA device, the only kind of tensor an NCCL group broadcasts.
         if parallel_state.get_tensor_model_parallel_world_size() == 1:
             return
         group = parallel_state.get_tensor_model_parallel_group()

@@ -47,7 +47,36 @@ def model_sharded_state_dict(chunks) -> dict:
 def _load_model_state(chunks, loaded: dict) -> None:
     chunks = unwrap_model(chunks)
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=True)
+        result = chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"], strict=False)
+        # a TE module's `_extra_state` (its FP8 scaling history) may be absent: see drop_absent_extra_state
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, "
+                               f"unexpected {list(result.unexpected_keys)}")
+
+
+def drop_absent_extra_state(state: dict, directory: str) -> dict:
+    """`state` (a sharded state dict to load) without the `_extra_state` entries the checkpoint lacks.
+
+    Transformer Engine layers describe an `_extra_state` (FP8 scaling factors and amax history) that
+    megatron's local layers do not have, so a checkpoint written with the local spec (every CPU run)
+    lacks those of TE's attention (`core_attention._extra_state`); a TE model loading it starts that FP8
+    state fresh, as a new run does. Weights keep the same names under both specs (the local spec maps
+    its norms onto TE's fused names, and its linears write an empty `_extra_state` of their own)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    saved = set(load_sharded_metadata(directory))
+
+    def keep(value) -> bool:  # the checkpoint lists a ShardedObject by its key and offsets (unique_key)
+        stored = value.unique_key if isinstance(value, ShardedObject) else value.key
+        return not value.key.endswith("_extra_state") or stored in saved
+
+    def prune(d):
+        return {k: prune(v) if isinstance(v, dict) else v for k, v in d.items() if not isinstance(v, ShardedBase) or keep(v)}
+
+    return prune(state)
 
 
 def save_model(chunks, directory: str) -> None:
@@ -61,7 +90,8 @@ def save_model(chunks, directory: str) -> None:
 def load_model(chunks, directory: str) -> None:
     if not dist_checkpointing.check_is_distributed_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not a megatron distributed checkpoint")
-    _load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), directory))
+    state = drop_absent_extra_state(model_sharded_state_dict(chunks), directory)
+    _load_model_state(chunks, dist_checkpointing.load(state, directory))
 
 
 def shield_checkpoint_writer_from_signals() -> None:
@@ -166,7 +196,7 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
     saving one. Returns the common state (iteration, consumed tokens, data-loader states, ...)."""
     saved_common = dist_checkpointing.load_common_state_dict(path)
     common = saved_common["common"]
-    state = model_sharded_state_dict(chunks)
+    state = drop_absent_extra_state(model_sharded_state_dict(chunks), path)
     model_state = dict(state)
     if optimizer is not None:
         materialize_optimizer_state(optimizer)  # megatron needs existing state to describe the load

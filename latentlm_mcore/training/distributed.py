@@ -26,8 +26,8 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
         rank, world, local_rank = rank_and_world_from_env()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        if on_gpu:
-            torch.cuda.set_device(local_rank)
+        if on_gpu:  # a site that binds one GPU per task shows each task one device, whatever its local rank
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())
         # a world of one needs no rendezvous: an in-memory store avoids racing for a TCP port
         store = dist.HashStore() if world == 1 else None
         dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world, store=store,

@@ -1,6 +1,7 @@
 """One optimizer step on Megatron-Core: DDP + (distributed) optimizer + pipeline schedule."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -43,14 +44,21 @@ def forward_step(weight: torch.Tensor, data_iterator, model):
     return output, partial(latentlm_loss, batch["loss_mask"], count_targets(host), weight)
 
 
-def wrap_with_ddp(chunks, parallel: ParallelConfig, overlap_grad_reduce: bool = False):
+def wrap_with_ddp(chunks, parallel: ParallelConfig, overlap: bool | None = None):
     """megatron DDP around each model chunk; grads reduced in fp32. Wires the schedule's hooks and
     turns on megatron's per-token loss normalisation, which `latentlm_loss` is written for (the
-    token-level objective, see model/loss.py): set before DDP is built, which reads it."""
+    token-level objective, see model/loss.py): set before DDP is built, which reads it.
+
+    `overlap` (default: on a GPU): each gradient bucket's reduction starts as soon as its gradients are
+    ready in the backward pass, and with the distributed optimizer the updated parameters' all-gather
+    runs under the next forward pass (megatron's forward pre-hooks); read parameters after a step
+    through `params_synced`."""
     config = get_model_config(chunks[0])
     config.calculate_per_token_loss = True
+    overlap = torch.cuda.is_available() if overlap is None else overlap
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=overlap,
+        overlap_param_gather=overlap and parallel.distributed_optimizer,
         use_distributed_optimizer=parallel.distributed_optimizer)
     wrapped = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
                                        disable_bucketing=i > 0)
@@ -60,9 +68,28 @@ def wrap_with_ddp(chunks, parallel: ParallelConfig, overlap_grad_reduce: bool = 
     return wrapped
 
 
+@contextmanager
+def params_synced(chunks):
+    """Inside: every parameter holds its value after the last optimizer step. With the overlapped
+    parameter all-gather (`wrap_with_ddp`) the gather is pending until the next forward pass; what reads
+    parameters outside one (checkpoint save, evaluation, export) forces it and drops the pre-hooks for
+    the while, as megatron-LM's training loop does."""
+    overlapped = [c for c in chunks if getattr(c, "ddp_config", None) is not None and c.ddp_config.overlap_param_gather]
+    for chunk in overlapped:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in overlapped:
+            chunk.enable_forward_pre_hook()
+
+
 def build_optimizer(chunks, train: TrainConfig, parallel: ParallelConfig, params_dtype=torch.float32):
     """AdamW (decoupled weight decay, none on norms and biases) with global-norm gradient clipping."""
+    overlap_param_gather = any(getattr(c, "ddp_config", None) is not None and c.ddp_config.overlap_param_gather
+                               for c in chunks)
     cfg = OptimizerConfig(
+        overlap_param_gather=overlap_param_gather,
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
         clip_grad=train.clip_grad, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
@@ -143,7 +170,7 @@ def evaluate(chunks, data_iterator, num_microbatches: int, seq_length: int, micr
     DP rank together, as `train_step` reports them."""
     for chunk in chunks:
         chunk.eval()
-    with torch.no_grad():
+    with torch.no_grad(), params_synced(chunks):
         result = forward_backward(chunks, data_iterator, num_microbatches, seq_length, micro_batch_size,
                                   forward_only=True)
     for chunk in chunks:

@@ -21,13 +21,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
-from latentlm_mcore.model import build_model, transformer_config
+from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                 shield_checkpoint_writer_from_signals)
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.flops import head_forward_flops, training_flops
 from latentlm_mcore.training.metrics import MetricsLogger, device_peak_tflops
-from latentlm_mcore.training.step import build_optimizer, evaluate, train_step, wrap_with_ddp
+from latentlm_mcore.training.preflight import check_pretrain, describe_pretrain, probe_machine
+from latentlm_mcore.training.ranks import rank_and_world_from_env
+from latentlm_mcore.training.step import build_optimizer, evaluate, params_synced, train_step, wrap_with_ddp
 from latentlm_mcore.training.synthetic import random_packed_batch
 
 
@@ -56,9 +58,15 @@ def params_dtype(run: RunConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[run.precision]
 
 
-def numerics_overrides(run: RunConfig) -> dict:
+def numerics_overrides(run: RunConfig, transformer_engine: bool | None = None) -> dict:
     """TransformerConfig fields for FP8 (Transformer Engine, backbone linears only: the diffusion head
-    and latent projection are plain torch modules) and activation recomputation."""
+    and latent projection are plain torch modules) and activation recomputation.
+
+    Selective recomputation recomputes the MLP (its SwiGLU activations are the largest saved tensors
+    of a layer) and, with the local spec, the attention core (its [s, s] scores); TE's fused attention
+    keeps no scores, so recomputing it would only cost time."""
+    if transformer_engine is None:
+        transformer_engine = transformer_engine_available()
     out = {}
     if run.fp8:
         out.update(fp8=run.fp8, fp8_recipe=run.fp8_recipe, fp8_margin=0, fp8_amax_history_len=1024,
@@ -66,7 +74,8 @@ def numerics_overrides(run: RunConfig) -> dict:
     if run.recompute == "full":
         out.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif run.recompute == "selective":
-        out.update(recompute_granularity="selective")
+        out.update(recompute_granularity="selective",
+                   recompute_modules=["mlp"] if transformer_engine else ["core_attn", "mlp"])
     return out
 
 
@@ -174,13 +183,20 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
     summary: final iteration, why it stopped, the last logged metrics."""
     t, p = cfg.train, cfg.parallel
+    # refuse before any process group or model exists what this machine or layout cannot run; the probe
+    # (which imports TE) runs on this rank's own GPU, not on GPU 0 of every rank
+    _, world_size, local_rank = rank_and_world_from_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    machine = probe_machine()
+    check_pretrain(cfg, run, machine, world_size)
+    peak, peak_description = device_peak_tflops(run.peak_tflops, "fp8" if run.fp8 else "bf16")
     init_distributed(p, seed=t.seed)
     preempt = PreemptionFlag()
     rank0 = torch.distributed.get_rank() == 0
+    if rank0:
+        print(describe_pretrain(cfg, run, machine, world_size, peak_description), flush=True)
     dp = parallel_state.get_data_parallel_world_size()
-    if t.global_batch_size % (t.micro_batch_size * dp):
-        raise ValueError(f"global_batch_size {t.global_batch_size} is not a multiple of micro_batch_size "
-                         f"{t.micro_batch_size} x data-parallel size {dp}")
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
 
     config, chunks, dtype = build_model_chunks(cfg, run)
@@ -205,7 +221,6 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     stream = CountingIterator(iter(data))
     per_chunk = list(itertools.tee(stream, len(chunks))) if len(chunks) > 1 else [stream]
     logger = MetricsLogger(run.save, run, cfg.name, dataclasses.asdict(cfg), iteration, t.train_steps) if rank0 else None
-    peak = device_peak_tflops(run.peak_tflops)
     world = torch.distributed.get_world_size()
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     run_extra = {"data": run.data}
@@ -215,7 +230,8 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
 
     def checkpoint():
         common = {"consumed_tokens": consumed_tokens, "data": data.state_dicts()}
-        save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last)
+        with params_synced(chunks):
+            save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last)
         if logger is not None:
             logger.plot()
 

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from latentlm_mcore.training.preflight import check_sigma_vae, describe_sigma_vae, probe_machine
 from latentlm_mcore.training.ranks import rank_and_world_from_env
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.data import ImageDataset, InfiniteDistributedSampler, list_images
@@ -95,7 +96,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device) under torchrun or srun; a single process without either."""
     rank, world_size, local_rank = rank_and_world_from_env()
     if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+        # a site that binds one GPU per task shows each task a single device, whatever its local rank
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -126,15 +128,13 @@ def save_image_grid(path: str, rows: list[torch.Tensor]) -> None:
 
 class SigmaVAETrainer:
     def __init__(self, model_cfg: SigmaVAEConfig, cfg: TrainConfig):
-        if not cfg.train_data:
-            raise ValueError("TrainConfig.train_data is required (an image folder or a .jsonl of paths)")
-        if cfg.perceptual_weight > 0 and not cfg.vgg16_weights:
-            raise ValueError(f"TrainConfig.perceptual_weight is {cfg.perceptual_weight} but no vgg16_weights file is "
-                             "given: pass --vgg16-weights PATH (a torchvision VGG16 state_dict, e.g. "
-                             "vgg16-397923af.pth) or --perceptual-weight 0")
+        machine = probe_machine()
+        check_sigma_vae(model_cfg, cfg, machine)  # PreflightError naming every option this machine cannot run
         self.model_cfg, self.cfg = model_cfg, cfg
         self.rank, self.world_size, self.device = init_distributed()
         self.is_main = self.rank == 0
+        if self.is_main:
+            log.info(describe_sigma_vae(model_cfg, cfg, machine, self.world_size))
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")

@@ -2,7 +2,8 @@
 layouts and dumps losses, canonical (unsharded) gradients and parameters for comparison.
 
   --phase layouts   (2 processes) TP=2, TP=2+SP, PP=2 (1F1B, 4 micro-batches), DP=2 + distributed
-                    optimizer; the first layout writes the shared initial checkpoint, the TP=2 run
+                    optimizer, and DP=2 + distributed optimizer with overlapped grad reduce and param
+                    gather; the first layout writes the shared initial checkpoint, the TP=2 run
                     also saves its trained model and evaluates it; PP=2 loads and evaluates it.
   --phase reference (1 process) the same 3 steps from the same initial checkpoint, and the TP=2
                     trained checkpoint loaded and evaluated at TP=1.
@@ -18,7 +19,7 @@ from latentlm_mcore.config import ModelConfig, ParallelConfig, TrainConfig
 from latentlm_mcore.model import build_model, local_block_spec, transformer_config
 from latentlm_mcore.training.checkpoint import load_model, save_model
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from latentlm_mcore.training.step import build_optimizer, evaluate, forward_backward, wrap_with_ddp
+from latentlm_mcore.training.step import build_optimizer, evaluate, forward_backward, params_synced, wrap_with_ddp
 from latentlm_mcore.training.synthetic import random_packed_batch
 
 MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=256,
@@ -101,7 +102,8 @@ def head_is_replicated(model) -> bool:
     return bool(ok.item())
 
 
-def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict, save_trained=False, eval_trained=False):
+def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict, save_trained=False, eval_trained=False,
+               overlap=False):
     init_distributed(parallel, seed=7)
     config = transformer_config(MODEL, parallel)
     model = build_model(MODEL, config, block_spec=local_block_spec(config))
@@ -110,7 +112,7 @@ def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict,
         load_model([model], init_ckpt)
     else:
         save_model([model], init_ckpt)
-    chunks = wrap_with_ddp([model], parallel)
+    chunks = wrap_with_ddp([model], parallel, overlap=overlap)
     optimizer = build_optimizer(chunks, TRAIN, parallel)
     record = {"steps": []}
     for step in range(STEPS):
@@ -120,8 +122,10 @@ def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict,
         gather_grad_buffers_over_dp(chunks[0])
         grads = canonical_tensors(model, "grad")
         ok, grad_norm, _ = optimizer.step()
+        with params_synced(chunks):  # the overlapped all-gather of the updated params is pending until then
+            params = canonical_tensors(model, "param")
         record["steps"].append({**losses, "grad_norm": float(grad_norm), "update_ok": bool(ok),
-                                "grads": grads, "params": canonical_tensors(model, "param")})
+                                "grads": grads, "params": params})
     if save_trained:
         save_model(chunks, trained_ckpt)
         record["eval_trained"] = evaluate(chunks, iter(eval_batches()), NUM_MICROBATCHES // ps.get_data_parallel_world_size(),
@@ -147,6 +151,8 @@ def main():
         run_layout("tp2_sp", ParallelConfig(tensor_parallel=2, sequence_parallel=True), args.out, results)
         run_layout("pp2", ParallelConfig(pipeline_parallel=2), args.out, results, eval_trained=True)
         run_layout("dp2_distopt", ParallelConfig(distributed_optimizer=True), args.out, results)
+        # overlapped grad reduce-scatter and param all-gather (on by default on GPUs)
+        run_layout("dp2_distopt_overlap", ParallelConfig(distributed_optimizer=True), args.out, results, overlap=True)
     else:
         run_layout("reference", ParallelConfig(distributed_optimizer=False), args.out, results, eval_trained=True)
     if dist.get_rank() == 0:

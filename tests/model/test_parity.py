@@ -1,5 +1,5 @@
 """Parallel layouts equal the one-process run: TP=2 (SP off / on), PP=2 (1F1B, 4 micro-batches) and
-DP=2 with the distributed optimizer, over 3 optimizer steps, on a batch holding text and latents;
+DP=2 with the distributed optimizer (also with overlapped grad reduce / param gather), over 3 optimizer steps, on a batch holding text and latents;
 and a distributed checkpoint saved at TP=2 loads at TP=1 and PP=2 with the same outputs."""
 from pathlib import Path
 
@@ -10,7 +10,7 @@ from tests.conftest import run_torchrun
 
 WORKER = Path(__file__).with_name("parity_worker.py")
 RTOL = 1e-5
-LAYOUTS = ["tp2", "tp2_sp", "pp2", "dp2_distopt"]
+LAYOUTS = ["tp2", "tp2_sp", "pp2", "dp2_distopt", "dp2_distopt_overlap"]
 
 
 @pytest.fixture(scope="module")

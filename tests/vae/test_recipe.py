@@ -42,7 +42,7 @@ def test_slurm_launcher_passes_the_paper_recipe(tmp_path):
     for tool in ("srun", "scontrol"):
         (bin_dir / tool).chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-a", SLURM_JOB_ID="7",
-               SLURM_NNODES="1", SLURM_NTASKS="8", REPO_DIR=str(REPO), OUT_DIR=str(tmp_path / "out"),
+               SLURM_NNODES="1", SLURM_NTASKS="8", SLURM_CPUS_PER_TASK="12", REPO_DIR=str(REPO), OUT_DIR=str(tmp_path / "out"),
                INIT_ENCODER="/weights/beit3_base_patch16_224.pth")
     for name in ("PRESET", "VGG16_WEIGHTS", "BATCH_PER_GPU", "TRAIN_DATA"):
         env.pop(name, None)
@@ -51,6 +51,7 @@ def test_slurm_launcher_passes_the_paper_recipe(tmp_path):
     assert proc.returncode == 0, proc.stderr
     args = record.read_text().splitlines()
     script = args.index(str(REPO / "pretrain" / "train_sigma_vae.py"))
+    assert args[args.index("--cpus-per-task") + 1] == "12", "srun must be given the batch's cpus-per-task"
     model, train = parse_args(args[script + 1:])
     assert model.image_size == 256 and model.enc_layers == 12
     assert train.batch_size == 32 and train.epochs == 200 and train.log_every == 50  # 8 GPUs x 32 = 256

@@ -302,5 +302,5 @@ def test_epochs_set_the_number_of_steps(photo_dirs, tmp_path):
 
 
 def test_perceptual_loss_without_weights_file_is_a_clear_error(photo_dirs, tmp_path):
-    with pytest.raises(ValueError, match="perceptual_weight is 1.0 but no vgg16_weights.*--perceptual-weight 0"):
+    with pytest.raises(ValueError, match="perceptual-weight 1.0 needs --vgg16-weights.*--perceptual-weight 0"):
         SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, perceptual_weight=1.0))
