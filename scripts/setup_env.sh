@@ -46,5 +46,15 @@ fi
 echo "setup_env: installing latentlm_mcore[${EXTRAS}] and its dependencies (megatron-core, mosaicml-streaming," \
   "transformers, ...; a few minutes the first time) ..."
 quiet_pip install "${cons[@]}" -e ".[${EXTRAS}]"
+# PyPI has no CPU torchvision for torch 2.13 and `import streaming` imports torchvision: where its compiled ops
+# cannot load, an import hook repairs it on first import (latentlm_mcore/compat/torchvision_hook.py)
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+rm -f "$site/_latentlm_torchvision_hook.py" "$site/_latentlm_torchvision_hook.pth"
+if ! "$VENV/bin/python" -c 'import sys; from latentlm_mcore.compat.torchvision_ops import _compiled_ops_load as ok
+sys.exit(0 if ok() else 1)'; then
+  cp latentlm_mcore/compat/torchvision_hook.py "$site/_latentlm_torchvision_hook.py"
+  echo "import _latentlm_torchvision_hook" > "$site/_latentlm_torchvision_hook.pth"
+  echo "setup_env: torchvision's compiled ops do not load beside this torch; installed the import repair"
+fi
 echo "$want" > "$stamp"
 echo "setup_env: installed latentlm_mcore[${EXTRAS}] into $root/$VENV"

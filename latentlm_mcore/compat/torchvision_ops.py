@@ -30,10 +30,19 @@ def _compiled_ops_load() -> bool:
         return False
 
 
+def _nms_defined() -> bool:
+    """Already there: torchvision's ops loaded, or a repair ran (the .venv import hook, torchvision_hook.py)."""
+    try:
+        torch.ops.torchvision.nms
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def make_torchvision_importable() -> None:
     """Call before anything imports torchvision (streaming, transformers). Idempotent."""
     global _schemas
-    if _schemas is None and not _compiled_ops_load():
+    if _schemas is None and not _nms_defined() and not _compiled_ops_load():
         _schemas = torch.library.Library("torchvision", "DEF")
         _schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold, Tensor rscale) -> Tensor")
