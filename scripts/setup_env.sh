@@ -46,6 +46,15 @@ fi
 echo "setup_env: installing latentlm_mcore[${EXTRAS}] and its dependencies (megatron-core, mosaicml-streaming," \
   "transformers, ...; a few minutes the first time) ..."
 quiet_pip install "${cons[@]}" -e ".[${EXTRAS}]"
+if [[ ",$EXTRAS," == *",test,"* ]] && [ -z "$MEGATRON_CORE" ]; then  # not for the megatron range venv
+  # tests/hf runs an exported folder on transformers 5 too (.venv keeps 4.x: mosaicml-streaming caps it below 5);
+  # installed beside the venv, not in it, and put on PYTHONPATH by that test only. Its numpy is dropped: the
+  # venv's serves (torch and streaming were built against it).
+  echo "setup_env: installing transformers 5 into $VENV/transformers-5 (tests/hf only) ..."
+  rm -rf "$VENV/transformers-5"
+  quiet_pip install --target "$VENV/transformers-5" "transformers>=5,<6" >/dev/null
+  rm -rf "$VENV"/transformers-5/numpy "$VENV"/transformers-5/numpy.libs "$VENV"/transformers-5/numpy-*.dist-info
+fi
 # PyPI has no CPU torchvision for torch 2.13 and `import streaming` imports torchvision: where its compiled ops
 # cannot load, an import hook repairs it on first import (latentlm_mcore/compat/torchvision_hook.py)
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
