@@ -6,7 +6,7 @@
 #   VENV=.venv-mcore-0.19.2 MEGATRON_CORE=0.19.2 bash scripts/setup_env.sh
 #       # a second environment with another megatron-core of the supported range (scripts/test_megatron_range.sh).
 #       # It is installed with --no-deps --ignore-requires-python: 0.17+ declare Python >= 3.12 but run on 3.11,
-#       # and their runtime dependencies (torch, numpy, packaging) come with latentlm_mcore's.
+#       # and their runtime dependencies (torch, numpy, packaging; triton, undeclared) are installed beside.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -42,6 +42,7 @@ fi
 if [ -n "$MEGATRON_CORE" ]; then
   echo "setup_env: installing megatron-core==$MEGATRON_CORE into $VENV ..."
   quiet_pip install --no-deps --ignore-requires-python "megatron-core==$MEGATRON_CORE"
+  quiet_pip install triton  # 0.19 imports it at `import megatron.core`; torch's CPU wheel does not bring it
 fi
 echo "setup_env: installing latentlm_mcore[${EXTRAS}] and its dependencies (megatron-core, mosaicml-streaming," \
   "transformers, ...; a few minutes the first time) ..."
