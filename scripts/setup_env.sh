@@ -53,7 +53,10 @@ if [[ ",$EXTRAS," == *",test,"* ]] && [ -z "$MEGATRON_CORE" ]; then  # not for t
   # venv's serves (torch and streaming were built against it).
   echo "setup_env: installing transformers 5 into $VENV/transformers-5 (tests/hf only) ..."
   rm -rf "$VENV/transformers-5"
-  quiet_pip install --target "$VENV/transformers-5" "transformers>=5,<6" >/dev/null
+  # (pip then reports that streaming wants transformers < 5: true of the target, not of the venv; hence the log)
+  if ! "${pip[@]}" install --target "$VENV/transformers-5" "transformers>=5,<6" > "$VENV/transformers-5.log" 2>&1; then
+    cat "$VENV/transformers-5.log" >&2; exit 1
+  fi
   rm -rf "$VENV"/transformers-5/numpy "$VENV"/transformers-5/numpy.libs "$VENV"/transformers-5/numpy-*.dist-info
 fi
 # PyPI has no CPU torchvision for torch 2.13 and `import streaming` imports torchvision: where its compiled ops
