@@ -57,7 +57,8 @@ LatentLMOutput.__module__ = __name__
 
 class LatentLMForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     config_class = LatentLMHFConfig
-    _tied_weights_keys = ["lm_head.weight"]
+    # a mapping (transformers 5 reads .keys(); 4.x iterates the keys); tying applies only with tie_word_embeddings
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LatentLMHFConfig):
         super().__init__(config)
