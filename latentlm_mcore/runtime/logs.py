@@ -25,6 +25,8 @@ BENIGN_WARNINGS = (
     # apex / Transformer Engine, and our local spec uses its own norm (compat.SPRMSNorm)
     ("ignore", r"Apex is not installed", UserWarning, r"megatron\.core"),
     ("ignore", r"Transformer Engine and Apex are not installed", UserWarning, r"megatron\.core"),
+    # megatron-core 0.19 imports its MIMO configs whether or not a MIMO model is built
+    ("ignore", r"MimoModelConfig is experimental", UserWarning, r"megatron\.core"),
     # megatron reads `.grad` of non-leaf tensors; torch warns on each access (through the CPU switch's
     # torch-function mode, hence the module)
     ("once", r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r""),
