@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1,<0.17",
+        "megatron-core>=0.16.1,<0.20",  # tested: 0.16.1 and 0.19.2 (scripts/test_megatron_range.sh)
         "psutil",  # megatron dist_checkpointing needs it for saves (undeclared there)
         "numpy",
         "einops",

@@ -15,6 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
+install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
+
 from latentlm_mcore.config import (ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig,  # noqa: E402
                                    add_config_arguments, apply_overrides, config_overrides, get_preset)
 from latentlm_mcore.training.preflight import PreflightError  # noqa: E402

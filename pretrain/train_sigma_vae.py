@@ -17,6 +17,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
+install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
+
 from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
 from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402

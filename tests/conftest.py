@@ -142,7 +142,7 @@ def slurm_cluster(tmp_path_factory):
     start = subprocess.run(["bash", str(REPO / "tests/slurm_cluster/start.sh")], env=env, capture_output=True,
                            text=True, timeout=180)
     if start.returncode != 0:
-        pytest.fail("could not start the local Slurm (CI installs slurmctld slurmd slurm-client munge):\n"
+        pytest.fail("could not start the local Slurm (scripts/setup_system.sh installs slurmctld slurmd slurm-client munge):\n"
                     + start.stdout + start.stderr)
     env["SLURM_CONF"] = str(state / "slurm.conf")
     yield env

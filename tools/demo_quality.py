@@ -15,6 +15,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
+install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
+
 from latentlm_mcore import quality  # noqa: E402
 
 

@@ -14,7 +14,9 @@ import argparse
 import json
 import os
 
-from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+from latentlm_mcore.runtime.logs import install_warning_filters
+install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
+from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part  # noqa: E402
 
 
 def main(argv=None):

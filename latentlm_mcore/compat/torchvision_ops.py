@@ -30,10 +30,17 @@ def _compiled_ops_load() -> bool:
         return False
 
 
+def _nms_defined() -> bool:
+    """Already there: torchvision's ops loaded, or a repair ran (the .venv import hook, torchvision_hook.py)."""
+    # the schema registry, not `torch.ops.torchvision.nms`: that lookup imports torchvision when the op is missing
+    return bool(torch._C._jit_get_schemas_for_operator("torchvision::nms"))
+
+
 def make_torchvision_importable() -> None:
     """Call before anything imports torchvision (streaming, transformers). Idempotent."""
     global _schemas
-    if _schemas is None and not _compiled_ops_load():
+    # _compiled_ops_load first: its find_spec("torchvision") may run the .venv import hook, which repairs
+    if _schemas is None and not _compiled_ops_load() and not _nms_defined():
         _schemas = torch.library.Library("torchvision", "DEF")
         _schemas.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
         _schemas.define("qnms(Tensor dets, Tensor scores, float iou_threshold, Tensor rscale) -> Tensor")

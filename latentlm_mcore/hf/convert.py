@@ -192,7 +192,7 @@ arXiv 2412.08635), converted from the Megatron checkpoint `{source}` by `tools/c
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-tok = AutoTokenizer.from_pretrained(path)
+tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # tokenizer.json: no custom code
 c = model.config
 prompt = [c.end_of_document_token_id, *tok.encode("a photo of a cat", add_special_tokens=False), c.bod_token_id]
 sample = model.generate_mixed([prompt], cfg_scale=1.65, stop_after_images=1, max_new_tokens=c.latents_per_image + 1)[0]

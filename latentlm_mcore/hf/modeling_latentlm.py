@@ -13,9 +13,10 @@ ones: the folder runs with `trust_remote_code=True` and without this package.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import field, make_dataclass
 from typing import Optional
 
 import torch
@@ -40,17 +41,24 @@ SIGMA_VAE_WEIGHTS = "sigma_vae.safetensors"
 SIGMA_VAE_CONFIG = "sigma_vae.json"  # {"config": SigmaVAEConfig fields, "latent_stats": {"mean", "std"}}
 
 
-@dataclass
-class LatentLMOutput(ModelOutput):
-    loss: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None  # [b, s, vocab]
-    past_key_values: Optional[Cache] = None
-    last_hidden_state: Optional[torch.Tensor] = None  # [b, s, hidden]: what the diffusion head is conditioned on
+_LLAMA_FORWARD_ARGS = set(inspect.signature(LlamaModel.forward).parameters)
+# transformers 5 renamed the KV cache `past_key_values` -> `cache` (forward argument, output field, generate's
+# model kwargs); this file runs on 4.45 .. 5.x, so it names the cache as the installed transformers does
+CACHE_NAME = "cache" if "cache" in _LLAMA_FORWARD_ARGS else "past_key_values"
+
+# loss; logits [b, s, vocab]; the cache; last_hidden_state [b, s, hidden]: what the diffusion head is conditioned on
+LatentLMOutput = make_dataclass("LatentLMOutput", [
+    ("loss", Optional[torch.Tensor], field(default=None)),
+    ("logits", Optional[torch.Tensor], field(default=None)),
+    (CACHE_NAME, Optional[Cache], field(default=None)),
+    ("last_hidden_state", Optional[torch.Tensor], field(default=None))], bases=(ModelOutput,))
+LatentLMOutput.__module__ = __name__
 
 
 class LatentLMForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     config_class = LatentLMHFConfig
-    _tied_weights_keys = ["lm_head.weight"]
+    # a mapping (transformers 5 reads .keys(); 4.x iterates the keys); tying applies only with tie_word_embeddings
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: LatentLMHFConfig):
         super().__init__(config)
@@ -79,23 +87,26 @@ class LatentLMForCausalLM(LlamaPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Optional[torch.LongTensor] = None, latents: Optional[torch.Tensor] = None,
                 latent_mask: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
-                position_ids: Optional[torch.LongTensor] = None, past_key_values: Optional[Cache] = None,
-                inputs_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.LongTensor] = None,
-                use_cache: Optional[bool] = None, cache_position: Optional[torch.LongTensor] = None,
+                position_ids: Optional[torch.LongTensor] = None, inputs_embeds: Optional[torch.Tensor] = None,
+                labels: Optional[torch.LongTensor] = None, use_cache: Optional[bool] = None,
                 **kwargs) -> LatentLMOutput:
         """input_ids [b, s] with latents [b, s, latent_dim] at the positions of latent_mask [b, s].
-        `labels` (shifted inside, -100 ignored) give the text cross-entropy only."""
+        `labels` (shifted inside, -100 ignored) give the text cross-entropy only. The KV cache comes as
+        `past_key_values` (transformers 4) or `cache` (5); `cache_position` only where LlamaModel takes it."""
+        cache = kwargs.pop("cache", None)
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs = {k: v for k, v in kwargs.items() if k != "cache_position" or k in _LLAMA_FORWARD_ARGS}
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, latents, latent_mask)
         out = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache, cache_position=cache_position,
-                         **kwargs)
+                         use_cache=use_cache, **{CACHE_NAME: cache}, **kwargs)
         hidden = out.last_hidden_state
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return LatentLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values, last_hidden_state=hidden)
+        return LatentLMOutput(loss=loss, logits=logits, last_hidden_state=hidden, **{CACHE_NAME: getattr(out, CACHE_NAME)})
 
     # ------------------------------------------------------------ mixed text / image generation
     def special_tokens(self) -> SpecialTokens:
@@ -154,8 +165,8 @@ class KVCacheDecoder(Decoder):
         input_ids, latents, latent_mask, attention_mask, positions = (
             x.to(self.device) for x in (input_ids, latents, latent_mask, attention_mask, positions))
         out = self.model(input_ids=input_ids, latents=latents, latent_mask=latent_mask, attention_mask=attention_mask,
-                         position_ids=positions, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+                         position_ids=positions, use_cache=True, **{CACHE_NAME: self.cache})
+        self.cache = getattr(out, CACHE_NAME)
         return out.logits[:, -1].float().cpu(), out.last_hidden_state[:, -1].float().cpu()
 
 

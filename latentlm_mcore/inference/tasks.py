@@ -49,7 +49,8 @@ class Generator:
             raise FileNotFoundError(f"{folder}: no config.json; not a Hugging Face model folder")
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
         has_tokenizer = os.path.isfile(os.path.join(folder, "tokenizer.json"))
-        tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(folder)) if has_tokenizer else None
+        # trust_remote_code=False: tokenizer.json needs none, and transformers 5 would otherwise ask about config.json's
+        tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(folder, trust_remote_code=False)) if has_tokenizer else None
         has_vae = os.path.isfile(os.path.join(folder, "sigma_vae.json"))
         vae = model.load_sigma_vae(folder) if has_vae else None
         return cls(model.decoder(use_cache), model.special_tokens(), tokenizer, vae)

@@ -109,7 +109,10 @@ def shield_checkpoint_writer_from_signals() -> None:
 
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        filesystem_async._get_write_results_queue()
+        # megatron-core 0.17 made the helper public (`_get_write_results_queue` -> `get_write_results_queue`)
+        start_queue = getattr(filesystem_async, "get_write_results_queue", None) or \
+            filesystem_async._get_write_results_queue
+        start_queue()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -184,7 +184,7 @@ class SigmaVAETrainer:
         if not os.path.exists(self.ckpt_path):
             return
         try:
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         except Exception as e:
             raise RuntimeError(f"cannot resume: checkpoint {self.ckpt_path} is unreadable ({e}); "
                                f"move it away to start over") from e

@@ -241,3 +241,34 @@ def test_model_card_usage_generate_mixed_and_plain_text_generate(out):
         for _ in range(5):  # the same greedy decoding without cache
             greedy = torch.cat([greedy, model(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert generated.tolist() == greedy[0, ids.shape[1]:].tolist()
+
+
+def test_export_runs_on_transformers_4_and_5(out, tmp_path):
+    """The same user script (transformers_worker.py) on .venv's transformers 4.x and on 5.x, installed by
+    scripts/setup_env.sh to a --target directory beside the venv and used only here (PYTHONPATH)."""
+    target = Path(sys.prefix) / "transformers-5"
+    if not (target / "transformers").is_dir():
+        pytest.fail(f"{target} is missing: scripts/setup_env.sh installs transformers 5 there for this test")
+    results = {}
+    for name, extra in (("4", {}), ("5", {"PYTHONPATH": str(target)})):
+        env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", **extra)
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("transformers_worker.py")),
+                               str(out / "hf_tp2"), str(tmp_path / f"{name}.pt")], env=env, capture_output=True,
+                              text=True, timeout=600, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, f"transformers {name}:\n{proc.stderr[-5000:]}"
+        results[name] = torch.load(tmp_path / f"{name}.pt")
+    v4, v5 = results["4"], results["5"]
+    assert v4["version"].startswith("4.") and v5["version"].startswith("5."), (v4["version"], v5["version"])
+    print(f"\ntransformers {v4['version']} and {v5['version']}: same tokens, image max abs diff "
+          f"{(v4['image'] - v5['image']).abs().max().item():.2e}")
+    ours = TiktokenTokenizer(out / "small.tiktoken")
+    for r in (v4, v5):
+        assert r["model_class"] == "LatentLMForCausalLM" and r["asked"] == 0  # no interactive prompt
+        assert r["caption"] == ours.encode("a red cat")
+        assert len(r["t2i_tokens"]) == 17 and len(r["i2t_tokens"]) == 6 and len(r["text"]) == 5
+    for key in ("t2i_tokens", "i2t_tokens", "text"):
+        assert v4[key] == v5[key], key
+    assert (v4["image"] - v5["image"]).abs().max() < 1e-5
+    # and 4.x equals the in-process reference path (Generator over the same folder)
+    expected = Generator.from_hf_folder(str(out / "hf_tp2")).text_to_image(CAPTIONS[:1], SamplingConfig(**T2I))[0]
+    assert (v4["image"].clamp(-1, 1) - expected.images[0]).abs().max() < 1e-5

@@ -11,7 +11,8 @@ for tool in munged slurmctld slurmd sinfo; do
 done
 mkdir -p "$STATE"/{munge,log,state,spool,run}
 chmod 755 "$STATE/munge"
-sed -e "s#@STATE@#$STATE#g" -e "s#@HOST@#$HOST#g" -e "s#@CPUS@#$(nproc)#g" \
+# nproc --all: plain nproc obeys OMP_NUM_THREADS, and a node sized at 1 CPU leaves 2-task jobs pending
+sed -e "s#@STATE@#$STATE#g" -e "s#@HOST@#$HOST#g" -e "s#@CPUS@#$(nproc --all)#g" \
     -e "s#@CTLD_PORT@#${CTLD_PORT:-6817}#g" -e "s#@SLURMD_PORT@#${SLURMD_PORT:-6818}#g" \
     "$here/slurm.conf.in" > "$STATE/slurm.conf"
 export SLURM_CONF=$STATE/slurm.conf

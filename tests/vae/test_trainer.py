@@ -101,7 +101,7 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(photo_dirs, tmp_path
     monkeypatch.setattr(crashing, "_train_step", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated"):
         crashing.train()
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 2
     assert load_sigma_vae(tmp_path / "sigma_vae.pt").latent_stats is not None
 
@@ -109,7 +109,7 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(photo_dirs, tmp_path
     assert resumed.step == 2
     assert torch.equal(resumed.vae.encoder.to_latent.weight, saved["model"]["encoder.to_latent.weight"])
     resumed.train()
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 6
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 6
     with pytest.raises(ValueError, match="different model config"):
         SigmaVAETrainer(model_cfg.replace(latent_dim=8), cfg)
 
@@ -129,7 +129,7 @@ def test_stop_signal_saves_and_exits_at_the_next_step(photo_dirs, tmp_path, monk
     previous = signal.getsignal(signal.SIGUSR1)
     trainer.train()
     assert trainer.step == 3
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 3
     assert signal.getsignal(signal.SIGUSR1) == previous  # handlers restored
 
 
@@ -234,7 +234,7 @@ def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_clus
     hostname = socket.gethostname().split(".")[0]
     assert f"1 node(s), 2 GPUs, master {hostname}:{master_port}, out {out_dir}" in first, first[-5000:]
     assert "world size 2" in first and "step 2: saved" in first, first[-5000:]
-    assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == 2
     assert (out_dir / "sigma_vae.pt").exists()
     # Both srun tasks of the job's first step ran the trainer to a normal exit, with ranks taken from Slurm's ids.
     tasks = sorted((json.loads(f.read_text()) for f in (tmp_path / "tasks").glob("*.json")),
@@ -255,7 +255,7 @@ def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_clus
     evals = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
     assert [e["step"] for e in evals] == [2, 4]
     assert all(e["eval/images"] == 12 for e in evals)  # each rank evaluated half; the counts were summed
-    assert torch.load(out_dir / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == 4
     assert load_sigma_vae(out_dir / "sigma_vae.pt").latent_stats is not None
 
 
@@ -304,3 +304,26 @@ def test_epochs_set_the_number_of_steps(photo_dirs, tmp_path):
 def test_perceptual_loss_without_weights_file_is_a_clear_error(photo_dirs, tmp_path):
     with pytest.raises(ValueError, match="perceptual-weight 1.0 needs --vgg16-weights.*--perceptual-weight 0"):
         SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, perceptual_weight=1.0))
+
+
+class _RunsCodeWhenUnpickled:
+    """What a hostile checkpoint holds: unpickling it calls `open(marker, "w")`, standing in for any code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_runs_code_when_loaded(photo_dirs, tmp_path):
+    cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=2, ckpt_every=2, eval_data="", stats_samples=16,
+                            batch_size=4)
+    marker = tmp_path / "code_ran"
+    torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="checkpoint.pt is unreadable.*Weights only load failed"):
+        SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
+    assert not marker.exists()
+    # the same file through a pickle load would have run the payload: the test's payload is real
+    torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert marker.exists()
