@@ -195,3 +195,75 @@ def rank_states(model_cfg: ModelConfig, layout: Layout, params_dtype=torch.bfloa
             numel, param_bytes, grad_bytes, optimizer_bytes = state_bytes(chunks, ddp, optimizer)
         out.append(RankState(stage, pp_rank, numel, param_bytes, grad_bytes, optimizer_bytes))
     return out
+
+
+# ------------------------------------------------------------------ activations
+# Bytes kept for backward per element, BF16 activations, megatron's local layer spec (as measured by
+# bench/memory_activations.py on CPU; see the README's planning section):
+#   per layer and token: 34 x h (8 of them the two norms' inputs and outputs, replicated over TP unless SP is
+#   on) + 10 x ffn (SwiGLU: fc1 out, silu(gate), their product) + 6 x heads x seq (FP32 softmax + BF16 probs of
+#   the unfused attention; dropped by selective recompute); full recompute keeps 2 x h (the layer input).
+#   outside the layers: 4 x h on the first stage (embedding, latent projection), 8 x h + 6 x vocab/TP on the
+#   last (final norm, output layer input, BF16 logits + FP32 softmax of the vocab-parallel cross-entropy).
+#   diffusion head, per noised copy (batch_mul per latent target, 1/TP of them per TP rank): 18 x head width +
+#   10 x head FFN per head layer, 58 x head width + 1536 (timestep features) outside them; plus the noise and
+#   timesteps of every position (drawn whole on each TP rank): batch_mul x (4 x latent_dim + 8) per token.
+LAYER_HIDDEN, LAYER_HIDDEN_REPLICATED, LAYER_FFN, LAYER_SCORES, FULL_RECOMPUTE_HIDDEN = 34, 8, 10, 6, 2
+FIRST_STAGE_HIDDEN, LAST_STAGE_HIDDEN, LOGITS = 4, 8, 6
+HEAD_LAYER_WIDTH, HEAD_LAYER_FFN, HEAD_WIDTH, HEAD_TIMESTEP = 18, 10, 58, 1536
+
+
+def layer_activation_bytes(m: ModelConfig, mbs: int, tp: int, sp: bool, recompute: str | None,
+                           flash_attention: bool = True) -> float:
+    """Bytes one Transformer layer keeps for backward per micro-batch, on one TP rank. `flash_attention`
+    (Transformer Engine's fused attention on GPU) keeps no seq x seq scores; megatron's local (unfused)
+    attention, the one that runs on CPU, keeps the softmax unless selective recompute drops it."""
+    s, h, f, a = m.seq_length, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
+    replicated = tp if sp else 1
+    if recompute == "full":
+        return FULL_RECOMPUTE_HIDDEN * s * mbs * h / replicated
+    out = s * mbs * (h * (LAYER_HIDDEN_REPLICATED / replicated + (LAYER_HIDDEN - LAYER_HIDDEN_REPLICATED) / tp)
+                     + LAYER_FFN * f / tp)
+    if recompute != "selective" and not flash_attention:
+        out += LAYER_SCORES * a * s * s * mbs / tp
+    return out
+
+
+def head_activation_bytes(m: ModelConfig, mbs: int, tp: int, latent_fraction: float) -> float:
+    """Bytes the diffusion head keeps per micro-batch on one TP rank (it runs on 1/TP of the positions)."""
+    copies = m.batch_mul * latent_fraction * m.seq_length * mbs / tp
+    per_copy = (m.head_layers * (HEAD_LAYER_WIDTH * m.head_hidden_size + HEAD_LAYER_FFN * m.head_ffn_hidden_size)
+                + HEAD_WIDTH * m.head_hidden_size + HEAD_TIMESTEP)
+    return copies * per_copy + m.seq_length * mbs * m.batch_mul * (4 * m.latent_dim + 8)
+
+
+def activation_bytes(m: ModelConfig, mbs: int, tp: int = 1, sp: bool = False, recompute: str | None = None,
+                     latent_fraction: float = 0.25, layers: int | None = None, first: bool = True,
+                     last: bool = True, flash_attention: bool = True) -> float:
+    """Activation bytes of one micro-batch on one rank holding `layers` layers (default all) and the first /
+    last stage's extra parts."""
+    s, h = m.seq_length, m.hidden_size
+    replicated = tp if sp else 1
+    layers = m.num_layers if layers is None else layers
+    out = layers * layer_activation_bytes(m, mbs, tp, sp, recompute, flash_attention)
+    if recompute == "full":  # backward recomputes one layer at a time: its whole working set, once
+        out += layer_activation_bytes(m, mbs, tp, sp, None, flash_attention)
+    if first:
+        out += FIRST_STAGE_HIDDEN * s * mbs * h / replicated
+    if not flash_attention:  # the explicit boolean causal mask the local attention is given
+        out += s * s
+    if last:
+        out += LAST_STAGE_HIDDEN * s * mbs * h / replicated + LOGITS * s * mbs * m.vocab_size / tp
+        out += head_activation_bytes(m, mbs, tp, latent_fraction)
+    return out
+
+
+def in_flight_micro_batches(pp: int, pipeline_rank: int, vpp: int | None, num_micro_batches: int) -> float:
+    """Micro-batches whose activations a pipeline rank holds at once under megatron's 1F1B schedule (stage p
+    of P: P - p); interleaved (VPP v): the first stage holds P x (1 + (P-1)/(P v)) micro-batches' worth of
+    its chunks, as Megatron-LM's theoretical_memory_usage counts it."""
+    if pp == 1:
+        return 1.0
+    if vpp:
+        return min(pp * (1 + (pp - 1) / (pp * vpp)) - pipeline_rank, num_micro_batches)
+    return min(pp - pipeline_rank, num_micro_batches)
