@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from latentlm_mcore.config import LatentLMConfig
 from latentlm_mcore.training.flops import backbone_forward_flops, head_forward_flops
-from latentlm_mcore.training.memory import GIB, Layout, activation_bytes, in_flight_micro_batches, rank_states
+from latentlm_mcore.training.memory import (GIB, Layout, activation_bytes, in_flight_micro_batches, layer_activation_bytes,
+                                            rank_states)
 
 # memory the planner leaves free on each GPU: CUDA context, NCCL buffers, allocator fragmentation
 RESERVE_FRACTION = 0.10
@@ -94,9 +95,13 @@ def search_layouts(cfg: LatentLMConfig, gpus: int, gpus_per_node: int, gpu_memor
                                                  layers=m.num_layers // chunks * (layout.vpp or 1), first=first,
                                                  last=last)
                     held = in_flight_micro_batches(layout.pp, state.pipeline_rank, layout.vpp, num_micro)
-                    total = state.total_bytes + per_micro * held
+                    if recompute == "full":  # backward rebuilds one layer's activations at a time
+                        per_micro_recomputed = layer_activation_bytes(m, mbs, layout.tp, layout.sp, None)
+                    else:
+                        per_micro_recomputed = 0.0
+                    total = state.total_bytes + per_micro * held + per_micro_recomputed
                     if worst is None or total > worst[0]:
-                        worst = (total, state, per_micro * held)
+                        worst = (total, state, per_micro * held + per_micro_recomputed)
                 total, state, act = worst
                 plans.append(LayoutPlan(layout, mbs, recompute, num_micro, state.stage, state.total_bytes / GIB,
                                         act / GIB, total / GIB,

@@ -198,19 +198,21 @@ def rank_states(model_cfg: ModelConfig, layout: Layout, params_dtype=torch.bfloa
 
 
 # ------------------------------------------------------------------ activations
-# Bytes kept for backward per element, BF16 activations, megatron's local layer spec (as measured by
-# bench/memory_activations.py on CPU; see the README's planning section):
-#   per layer and token: 34 x h (8 of them the two norms' inputs and outputs, replicated over TP unless SP is
-#   on) + 10 x ffn (SwiGLU: fc1 out, silu(gate), their product) + 6 x heads x seq (FP32 softmax + BF16 probs of
-#   the unfused attention; dropped by selective recompute); full recompute keeps 2 x h (the layer input).
-#   outside the layers: 4 x h on the first stage (embedding, latent projection), 8 x h + 6 x vocab/TP on the
-#   last (final norm, output layer input, BF16 logits + FP32 softmax of the vocab-parallel cross-entropy).
-#   diffusion head, per noised copy (batch_mul per latent target, 1/TP of them per TP rank): 18 x head width +
-#   10 x head FFN per head layer, 58 x head width + 1536 (timestep features) outside them; plus the noise and
-#   timesteps of every position (drawn whole on each TP rank): batch_mul x (4 x latent_dim + 8) per token.
+# Bytes kept for backward per element, BF16 activations, megatron's local layer spec: each term measured on CPU by
+# varying one dimension at a time with torch's memory tracker (training/memory_measure.py), and read as
+#   per layer and token: 34 x h (8 of them the two norms' inputs and outputs, replicated over TP unless SP is on)
+#   + 10 x ffn (SwiGLU: fc1 out, silu(gate), their product) + 6 x heads x seq (FP32 softmax + BF16 probs of the
+#   unfused attention; dropped by selective recompute, absent with fused/flash attention); full recompute keeps
+#   2 x h (the layer input).
+#   outside the layers: 8 x h on the first stage (embedding, latent projection), 17 x h + 4 x vocab/TP on the
+#   last (final norm, output layer, the logits of the vocab-parallel cross-entropy).
+#   diffusion head, per noised copy (batch_mul per latent target, 1/TP of them per TP rank): 24 x head width +
+#   8 x head FFN per head layer, 18 x head width + 60 x latent_dim outside them (condition, timestep MLP, noised
+#   input, prediction, loss); plus the noise and timesteps of every position (drawn whole on each TP rank):
+#   batch_mul x (4 x latent_dim + 8) per token.
 LAYER_HIDDEN, LAYER_HIDDEN_REPLICATED, LAYER_FFN, LAYER_SCORES, FULL_RECOMPUTE_HIDDEN = 34, 8, 10, 6, 2
-FIRST_STAGE_HIDDEN, LAST_STAGE_HIDDEN, LOGITS = 4, 8, 6
-HEAD_LAYER_WIDTH, HEAD_LAYER_FFN, HEAD_WIDTH, HEAD_TIMESTEP = 18, 10, 58, 1536
+FIRST_STAGE_HIDDEN, LAST_STAGE_HIDDEN, LOGITS = 8, 17, 4
+HEAD_LAYER_WIDTH, HEAD_LAYER_FFN, HEAD_WIDTH, HEAD_LATENT = 24, 8, 18, 60
 
 
 def layer_activation_bytes(m: ModelConfig, mbs: int, tp: int, sp: bool, recompute: str | None,
@@ -233,7 +235,7 @@ def head_activation_bytes(m: ModelConfig, mbs: int, tp: int, latent_fraction: fl
     """Bytes the diffusion head keeps per micro-batch on one TP rank (it runs on 1/TP of the positions)."""
     copies = m.batch_mul * latent_fraction * m.seq_length * mbs / tp
     per_copy = (m.head_layers * (HEAD_LAYER_WIDTH * m.head_hidden_size + HEAD_LAYER_FFN * m.head_ffn_hidden_size)
-                + HEAD_WIDTH * m.head_hidden_size + HEAD_TIMESTEP)
+                + HEAD_WIDTH * m.head_hidden_size + HEAD_LATENT * m.latent_dim)
     return copies * per_copy + m.seq_length * mbs * m.batch_mul * (4 * m.latent_dim + 8)
 
 
@@ -241,13 +243,12 @@ def activation_bytes(m: ModelConfig, mbs: int, tp: int = 1, sp: bool = False, re
                      latent_fraction: float = 0.25, layers: int | None = None, first: bool = True,
                      last: bool = True, flash_attention: bool = True) -> float:
     """Activation bytes of one micro-batch on one rank holding `layers` layers (default all) and the first /
-    last stage's extra parts."""
+    last stage's extra parts, as held when its forward ends. (Full recompute adds, during backward, one layer's
+    working set at a time: `layer_activation_bytes(..., recompute=None)`, once per rank.)"""
     s, h = m.seq_length, m.hidden_size
     replicated = tp if sp else 1
     layers = m.num_layers if layers is None else layers
     out = layers * layer_activation_bytes(m, mbs, tp, sp, recompute, flash_attention)
-    if recompute == "full":  # backward recomputes one layer at a time: its whole working set, once
-        out += layer_activation_bytes(m, mbs, tp, sp, None, flash_attention)
     if first:
         out += FIRST_STAGE_HIDDEN * s * mbs * h / replicated
     if not flash_attention:  # the explicit boolean causal mask the local attention is given
