@@ -38,6 +38,16 @@ def compare(model_cfg: ModelConfig, mbs: int, recompute) -> dict:
             "ratio": round(estimate / measured, 4)}
 
 
+def rank_state_seconds(model_cfg: ModelConfig, layout) -> float:
+    """Seconds to build every distinct rank kind of one layout on meta (megatron already imported)."""
+    from latentlm_mcore.training.memory import rank_states
+
+    rank_states(model_cfg, layout)  # first call: imports, fake process group setup
+    start = time.perf_counter()
+    rank_states(model_cfg, layout)
+    return round(time.perf_counter() - start, 2)
+
+
 def plan_seconds(extra: list[str]) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "tools/plan_run.py", "--preset", "mllm-1.3b", "--gpu-memory", "80", *extra],
@@ -60,12 +70,21 @@ def main():
     worst = max(abs(r["ratio"] - 1) for r in rows)
     seventy_b = ["--model.num-layers", "80", "--model.hidden-size", "8192", "--model.ffn-hidden-size", "28672",
                  "--model.num-attention-heads", "64", "--model.num-query-groups", "8"]
+    from latentlm_mcore.config import apply_overrides, get_preset
+    from latentlm_mcore.training.memory import Layout
+
+    seventy_b_model = apply_overrides(get_preset("mllm-1.3b"), {"model." + k.lstrip("-").split(".")[1].replace("-", "_"): v
+                                                                for k, v in zip(seventy_b[::2], seventy_b[1::2])}).model
     result = {"device": "cpu", "dtype": "bf16", "torch": torch.__version__, "latent_fraction": LATENT_FRACTION,
               "grid": rows, "worst_relative_error": round(worst, 4),
+              "one_layout_seconds": {
+                  "mllm-1.3b TP1 PP1 DP128": rank_state_seconds(get_preset("mllm-1.3b").model, Layout(1, 1, 128)),
+                  "70B-class TP8 PP8 DP8": rank_state_seconds(seventy_b_model, Layout(8, 8, 8, sp=True))},
               "plan_run_seconds": {"mllm-1.3b, 16x8 GPUs": plan_seconds(["--nodes", "16"]),
                                    "70B-class, 64x8 GPUs": plan_seconds(["--nodes", "64", *seventy_b])}}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"worst |estimate/measured - 1| = {worst:.3f}; plan times {result['plan_run_seconds']}")
+    print(f"worst |estimate/measured - 1| = {worst:.3f}; one layout {result['one_layout_seconds']}; "
+          f"whole plan_run {result['plan_run_seconds']}")
 
 
 if __name__ == "__main__":
