@@ -70,9 +70,10 @@ def step_seconds(cfg: LatentLMConfig, layout: Layout, mbs: int, recompute: str |
 
 def search_layouts(cfg: LatentLMConfig, gpus: int, gpus_per_node: int, gpu_memory_gib: float, peak_tflops: float,
                    mfu: float, latent_fraction: float, micro_batch_sizes=(1, 2, 4),
-                   recomputes=(None, "selective", "full")) -> tuple[list[LayoutPlan], list[LayoutPlan]]:
+                   recomputes=(None, "full")) -> tuple[list[LayoutPlan], list[LayoutPlan]]:
     """(fitting plans best first, all plans): fastest first, then least model parallelism, then least memory.
-    Activations are planned for Transformer Engine's fused (flash) attention, as on the GPUs planned for."""
+    Activations are planned for Transformer Engine's fused (flash) attention, as on the GPUs planned for; it
+    keeps no seq x seq scores, so selective recompute (which drops those) is not a candidate by default."""
     m = cfg.model
     budget = gpu_memory_gib * (1 - RESERVE_FRACTION)
     plans, states = [], {}
