@@ -17,6 +17,7 @@ def measure_activations(model_cfg: ModelConfig, micro_batch_size: int, recompute
                         latent_fraction: float = 0.25, params_dtype=torch.bfloat16, seed: int = 0) -> dict:
     """{"forward_end": bytes, "peak": bytes} above the model's parameters; latent_fraction of the positions
     are latents (images of model_cfg.seq_length * latent_fraction // 2 latents, two per sequence)."""
+    from megatron.core import parallel_state
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from latentlm_mcore.model import build_model, latentlm_loss, local_block_spec, transformer_config
@@ -42,6 +43,10 @@ def measure_activations(model_cfg: ModelConfig, micro_batch_size: int, recompute
         loss, num_tokens, _ = latentlm_loss(batch["loss_mask"], counts, weight, out)
         return loss / num_tokens
 
+    # megatron's global memory buffer (attention-score workspace) keeps the size of the largest earlier request, and
+    # the tracker would count the whole of it: start it afresh for this shape
+    parallel_state.destroy_global_memory_buffer()
+    parallel_state._set_global_memory_buffer()
     # one untracked step first: megatron's global memory buffer (the attention scores' workspace, kept for the
     # process's lifetime) and the parameters' .grad exist before the measured micro-batch, as they do in training
     step().backward()
