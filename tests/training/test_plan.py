@@ -21,3 +21,34 @@ def test_latent_positions_add_diffusion_head_work():
     text = plan_run(cfg, 1e12, 16, 8, 0.4, 989.0, latent_fraction=0.0)
     mixed = plan_run(cfg, 1e12, 16, 8, 0.4, 989.0, latent_fraction=0.25)
     assert mixed.flops_per_token > text.flops_per_token * 1.02
+
+
+def test_plan_run_lists_fitting_layouts_and_prints_pretrain_arguments(capsys):
+    """tools/plan_run.py --gpu-memory: fitting layouts, fastest first, and a chosen layout whose arguments the
+    pretraining entry point's parser accepts and turns into that layout."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from latentlm_mcore.config import (ParallelConfig, RunConfig, TrainConfig, add_config_arguments, apply_overrides,
+                                       config_overrides)
+
+    path = Path(__file__).resolve().parents[2] / "tools" / "plan_run.py"
+    spec = importlib.util.spec_from_file_location("plan_run", path)
+    plan_run_tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_run_tool)
+    plan_run_tool.main(["--preset", "tiny", "--nodes", "1", "--gpus-per-node", "2", "--gpu-memory", "1"])
+    out = capsys.readouterr().out
+    rows = out[out.index(" TP  PP"):out.index("chosen:")].strip().splitlines()[1:]
+    steps = [float(r.split()[-1]) for r in rows]
+    assert rows and steps == sorted(steps)
+    assert all(float(r.split()[-2]) <= 0.9 for r in rows)  # total GiB within the 10%-reserve budget
+    chosen = out[out.index("chosen:"):].split("slurm/pretrain_mllm_1.3b.sh", 1)[1].split()
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RunConfig)
+    add_config_arguments(parser, TrainConfig, "train.")
+    add_config_arguments(parser, ParallelConfig, "parallel.")
+    args = parser.parse_args(chosen)
+    first = rows[0].split()
+    cfg = apply_overrides(get_preset("tiny"), {f"parallel.{k}": v for k, v in config_overrides(args, "parallel.").items()})
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (int(first[0]), int(first[1]))
