@@ -171,7 +171,7 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     vcfg = vae.config
     moments = _LatentMoments(vcfg.latent_dim)
     writers: dict[str, object] = {}
-    written, tokens_written, rejected = Counter(), Counter(), Counter()
+    written, tokens_written, latents_written, rejected = Counter(), Counter(), Counter(), Counter()
     images_written = images_read = 0
     pending: list[tuple[schema.RawDocument, np.ndarray, list[np.ndarray]]] = []
 
@@ -200,6 +200,7 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
             written[doc.source] += 1
             images_written += len(ims)
             tokens_written[doc.source] += len(tokens)
+            latents_written[doc.source] += len(doc_latents)
         pending.clear()
 
     def prepare(item):
@@ -249,14 +250,15 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
         "tokenizer": tokenizer.describe(),
         "vae": {"path": os.path.abspath(cfg.vae_checkpoint), "sha256": sha256_file(cfg.vae_checkpoint),
                 "image_size": vcfg.image_size,
-                "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents},
+                "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents,
+                "c_sigma": vcfg.c_sigma},  # the loader draws z = μ + σ·ε with it
         "latent_dim": vcfg.latent_dim,
         "tokens_per_image": vcfg.num_latents,
-        "vae_latent_stats": None if stats is None else {"mean": np.asarray(stats.mean).tolist(),
-                                                        "std": np.asarray(stats.std).tolist()},
+        "vae_latent_stats": None if stats is None else stats.to_dict(),
         "latent_moments": moments.to_dict(),
         "documents_written": dict(written),
         "tokens_written": dict(tokens_written),
+        "latent_tokens_written": dict(latents_written),
         "images_written": images_written,
         "documents_rejected": dict(rejected),
         "seconds": time.perf_counter() - start,
@@ -267,8 +269,11 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
 
 # ---------------------------------------------------------------------------------------------- merge
 
-def merge_parts(output: str, num_shards: int) -> dict:
+def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> dict:
     """Join finished parts: one streaming `index.json` per source and the dataset manifest.
+
+    Latent statistics come from the σ-VAE file; a σ-VAE without them gets statistics of its samples
+    over this dataset (`normalisation`: see vae/stats.py).
 
     Raises if a part is missing or parts disagree on tokenizer / σ-VAE (they would not mix)."""
     parts = []
@@ -309,11 +314,12 @@ def merge_parts(output: str, num_shards: int) -> dict:
     if first["vae_latent_stats"] is not None:
         latent_stats = dict(first["vae_latent_stats"], **{"from": "vae_checkpoint"})
     elif count:
+        from latentlm_mcore.vae.stats import stats_from_moments
+
         s = np.sum([p["latent_moments"]["sum"] for p in parts], axis=0)
         ss = np.sum([p["latent_moments"]["sumsq"] for p in parts], axis=0)
-        mean = s / count
-        latent_stats = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(ss / count - mean ** 2, 1e-12)).tolist(),
-                        "from": "computed_over_dataset"}
+        stats = stats_from_moments(count, s, ss, first["vae"]["c_sigma"], normalisation)
+        latent_stats = dict(stats.to_dict(), **{"from": "computed_over_dataset"})
     else:
         latent_stats = None  # text only: nothing to scale
 
@@ -332,6 +338,7 @@ def merge_parts(output: str, num_shards: int) -> dict:
         "sources": sources,
         "documents_written": total("documents_written"),
         "tokens_written": total("tokens_written"),
+        "latent_tokens_written": total("latent_tokens_written"),
         "images_written": sum(p["images_written"] for p in parts),
         "documents_rejected": total("documents_rejected"),
         "num_parts": num_shards,
