@@ -10,9 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentlm_mcore.config import PRESETS, get_preset  # noqa: E402
+from latentlm_mcore.config import PRESETS, RunConfig, get_preset  # noqa: E402
 from latentlm_mcore.training.metrics import PEAK_BF16_TFLOPS  # noqa: E402
-from latentlm_mcore.training.plan import plan_run  # noqa: E402
+from latentlm_mcore.data.mixture import parse_proportions  # noqa: E402
+from latentlm_mcore.training.plan import mixture_latent_fraction, plan_run  # noqa: E402
 
 
 def main(argv=None):
@@ -25,12 +26,19 @@ def main(argv=None):
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation")
     p.add_argument("--latent-fraction", type=float, default=0.25,
                    help="share of positions that predict an image latent (2:1:1 text:pair:interleaved mix)")
+    p.add_argument("--data", nargs="+", help="preprocessed dataset(s): take the latent fraction from their manifests "
+                                          "under --proportions, as the loader mixes them")
+    p.add_argument("--proportions", default=RunConfig.proportions)
+    p.add_argument("--mixture-unit", default=RunConfig.mixture_unit, choices=("tokens", "documents"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
     cfg = get_preset(args.preset)
     tokens = args.tokens or cfg.tokens_per_step * cfg.train.train_steps
+    latent_fraction = args.latent_fraction
+    if args.data:
+        latent_fraction = mixture_latent_fraction(args.data, parse_proportions(args.proportions), args.mixture_unit)
     plan = plan_run(cfg, tokens, args.nodes, args.gpus_per_node, args.mfu, PEAK_BF16_TFLOPS[args.gpu],
-                    args.latent_fraction)
+                    latent_fraction)
     print(json.dumps(asdict(plan), indent=2) if args.json else plan.table())
 
 

@@ -63,6 +63,18 @@ class MixtureConfig:
     cache_limit: str | None = None  # e.g. "500gb": streaming evicts the coldest shards beyond it
 
 
+def parse_proportions(text: str) -> dict:
+    """"text=2,pair=1,interleaved=1" -> {"text": 2.0, ...}"""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"proportions: {item!r} is not name=number") from None
+    return out
+
+
 def source_statistics(manifests: list[dict]) -> dict:
     """{source: {"documents", "tokens", "latent_tokens"}} summed over the manifests that hold it."""
     out = {}

@@ -92,17 +92,6 @@ def build_scheduler(optimizer, cfg: LatentLMConfig) -> OptimizerParamScheduler:
         wd_incr_steps=t.train_steps, wd_incr_style="constant")
 
 
-def parse_proportions(text: str) -> dict:
-    out = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"proportions: {item!r} is not name=number") from None
-    return out
-
-
 class DataStream:
     """Micro-batches for this rank: the packed loader of its DP rank, or seeded random batches."""
 
@@ -113,7 +102,8 @@ class DataStream:
         self.loader = None
         self.random_batches_served = 0
         if root is not None:
-            from latentlm_mcore.data.mixture import LoaderConfig, MixtureConfig, PackedLoader, StreamMixture
+            from latentlm_mcore.data.mixture import (LoaderConfig, MixtureConfig, PackedLoader, StreamMixture,
+                                                     parse_proportions)
 
             cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
             mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache, unit=run.mixture_unit,
