@@ -228,10 +228,11 @@ class DocumentReader(torch.utils.data.Dataset):
         m, ids = self.mixture, self.mixture.ids
         sample = m.document(g)
         tokens = np.asarray(sample["tokens"], np.int32)
-        if sample["source"] == "pair":
-            if np.random.default_rng([m.cfg.seed, 2, g]).random() < self.image_first_share:
-                tokens = _image_first(tokens, ids)  # image -> caption: teaches captioning
-            elif self.condition_dropout > 0 and np.random.default_rng([m.cfg.seed, 1, g]).random() < self.condition_dropout:
+        if sample["source"] == "pair":  # whichever order it was stored in, the loader picks the direction
+            image_first = np.random.default_rng([m.cfg.seed, 2, g]).random() < self.image_first_share
+            tokens = _orient_pair(tokens, ids, image_first)  # image -> caption teaches captioning
+            if (not image_first and self.condition_dropout > 0
+                    and np.random.default_rng([m.cfg.seed, 1, g]).random() < self.condition_dropout):
                 # Classifier-free guidance: sometimes the image is generated with no caption to condition on.
                 tokens = tokens[np.isin(tokens, [ids.bod, ids.eod, ids.latent, ids.end_of_document])]
         doc = PackableDocument(index=g, source=sample["source"], tokens=tokens,
@@ -240,13 +241,14 @@ class DocumentReader(torch.utils.data.Dataset):
         return doc
 
 
-def _image_first(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
-    """A pair's ids with its image run(s) moved before the caption (<END_OF_DOCUMENT> stays last)."""
+def _orient_pair(tokens: np.ndarray, ids: SpecialIds, image_first: bool) -> np.ndarray:
+    """A pair's ids with its image run(s) before the caption or after it (<END_OF_DOCUMENT> stays last)."""
     body = tokens[:-1] if len(tokens) and tokens[-1] == ids.end_of_document else tokens
     in_run = np.zeros(len(body), bool)
     for b, e in zip(np.flatnonzero(body == ids.bod), np.flatnonzero(body == ids.eod)):
         in_run[b:e + 1] = True
-    return np.concatenate([body[in_run], body[~in_run], tokens[len(body):]]).astype(np.int32)
+    first, second = (body[in_run], body[~in_run]) if image_first else (body[~in_run], body[in_run])
+    return np.concatenate([first, second, tokens[len(body):]]).astype(np.int32)
 
 
 class SequenceBuilder:

@@ -240,6 +240,12 @@ def test_pairs_are_emitted_both_ways(dataset, cache_dir):
     assert 15 <= image_first <= 35, image_first  # 50 pairs, share 0.5
     assert all(DocumentReader(mix, 0.0, image_first_share=1.0)[g].tokens[0] == ids.bod
                for g in range(mix.epoch_size) if mix.source_of(mix.sample_id(g)) == "pair")
+    # a pair stored image-first (like the demo corpus's image -> caption documents) is turned round too
+    from latentlm_mcore.data.mixture import _orient_pair
+    stored = np.array([ids.bod, ids.latent, ids.latent, ids.eod, 7, 8, ids.end_of_document], np.int32)
+    assert _orient_pair(stored, ids, image_first=False).tolist() == [7, 8, ids.bod, ids.latent, ids.latent, ids.eod,
+                                                                     ids.end_of_document]
+    assert np.array_equal(_orient_pair(stored, ids, image_first=True), stored)
 
 
 def test_the_lm_sees_sigma_vae_samples_drawn_per_document(dataset, vae_checkpoint, cache_dir):
