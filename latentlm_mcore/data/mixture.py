@@ -28,6 +28,7 @@ DP size or micro-batch size.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ import numpy as np
 import torch
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.packing import PackableDocument, SpecialIds, build_sequence, collate, layout_sequence
+from latentlm_mcore.data.packing import (DocumentShape, PackableDocument, SpecialIds, build_sequence, collate,
+                                         layout_sequence)
 from latentlm_mcore.data.streaming_compat import import_streaming
 
 DEFAULT_PROPORTIONS = {"text": 2.0, "pair": 1.0, "interleaved": 1.0}
@@ -156,6 +158,11 @@ class StreamMixture:
         self.c_sigma = None if c_sigma is None else float(c_sigma)
         self.ids = SpecialIds.from_manifest(self.manifest)
         self.latent_dim = dim
+        # each document's length and image runs (preprocessing's layout index), where the dataset has one
+        from latentlm_mcore.data.preprocess import read_layout
+
+        self.layouts = {s: read_layout(os.path.join(root_of[s], s)) if "://" not in root_of[s] else None
+                        for s in self.sources}
         self.tokens_per_image = int(self.manifest["tokens_per_image"])
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -180,6 +187,17 @@ class StreamMixture:
 
     def document(self, g: int) -> dict:
         return self.dataset[self.sample_id(g)]
+
+    def stored_shape(self, g: int):
+        """(source, length, image runs [r, 2]) of document g as stored, from the layout index; None without one."""
+        sample_id = self.sample_id(g)
+        stream = int(np.searchsorted(self.dataset.sample_offset_per_stream, sample_id, side="right")) - 1
+        layout = self.layouts[self.sources[stream]]
+        if layout is None:
+            return None
+        lengths, offsets, runs = layout
+        i = sample_id - int(self.dataset.sample_offset_per_stream[stream])
+        return self.sources[stream], int(lengths[i]), np.asarray(runs[offsets[i]:offsets[i + 1]])
 
 
 def _common_manifest(manifests: list[dict], roots: list[str]) -> dict:
@@ -224,21 +242,45 @@ class DocumentReader(torch.utils.data.Dataset):
         self.condition_dropout = condition_dropout
         self.image_first_share = image_first_share
 
+    def _pair_choices(self, g: int) -> tuple[bool, bool]:
+        """(image first, caption dropped) for a pair at global index g."""
+        seed = self.mixture.cfg.seed
+        image_first = np.random.default_rng([seed, 2, g]).random() < self.image_first_share
+        # Classifier-free guidance: sometimes the image is generated with no caption to condition on.
+        dropped = (not image_first and self.condition_dropout > 0
+                   and np.random.default_rng([seed, 1, g]).random() < self.condition_dropout)
+        return image_first, dropped
+
     def __getitem__(self, g: int) -> PackableDocument:
         m, ids = self.mixture, self.mixture.ids
         sample = m.document(g)
         tokens = np.asarray(sample["tokens"], np.int32)
         if sample["source"] == "pair":  # whichever order it was stored in, the loader picks the direction
-            image_first = np.random.default_rng([m.cfg.seed, 2, g]).random() < self.image_first_share
+            image_first, dropped = self._pair_choices(g)
             tokens = _orient_pair(tokens, ids, image_first)  # image -> caption teaches captioning
-            if (not image_first and self.condition_dropout > 0
-                    and np.random.default_rng([m.cfg.seed, 1, g]).random() < self.condition_dropout):
-                # Classifier-free guidance: sometimes the image is generated with no caption to condition on.
+            if dropped:
                 tokens = tokens[np.isin(tokens, [ids.bod, ids.eod, ids.latent, ids.end_of_document])]
         doc = PackableDocument(index=g, source=sample["source"], tokens=tokens,
                                latents=schema.decode_latents(sample["latents"], m.latent_dim), scaled=False)
         doc.mark_runs(ids)
         return doc
+
+    def shape(self, g: int):
+        """Document g's DocumentShape as `__getitem__` would give it, from the layout index without reading
+        the document; the document itself where the dataset has no index."""
+        stored = self.mixture.stored_shape(g)
+        if stored is None:
+            return self[g]
+        source, length, runs = stored
+        if source == "pair":
+            image_first, dropped = self._pair_choices(g)
+            sizes = runs[:, 1] - runs[:, 0] + 1
+            caption = 0 if dropped else length - 1 - int(sizes.sum())  # -1: <END_OF_DOCUMENT>
+            if dropped:
+                length = int(sizes.sum()) + 1
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + (0 if image_first else caption)
+            runs = np.stack([starts, starts + sizes - 1], 1) if len(runs) else runs
+        return DocumentShape(index=g, source=source, length=length, runs=runs)
 
 
 def _orient_pair(tokens: np.ndarray, ids: SpecialIds, image_first: bool) -> np.ndarray:
@@ -278,14 +320,11 @@ class SequenceBuilder:
 
 
 class _Indices(torch.utils.data.Sampler):
-    def __init__(self, start):
-        self.start = start
+    def __init__(self, indices):
+        self.indices = indices
 
     def __iter__(self):
-        g = self.start
-        while True:
-            yield g
-            g += 1
+        return iter(self.indices)
 
 
 @dataclass
@@ -303,13 +342,15 @@ class LoaderConfig:
 
 @dataclass
 class Block:
-    """b·W consecutive sequences of the global stream: this rank's b built, the rest only laid out."""
+    """b·W consecutive sequences of the global stream: this rank's b built (`own`, after `blocks`), the
+    rest only laid out."""
     first_sequence: int
-    own: list  # PackedSequence x micro_batch_size
     layouts: list  # pieces of every sequence of the block, in order
+    dropped: list  # (document, reason) skipped while laying out each sequence
     position: tuple  # (document, offset) of the packer after the block
     tokens_by_source: Counter
     skipped: Counter
+    own: list = field(default_factory=list)  # PackedSequence x micro_batch_size
 
 
 class PackedLoader:
@@ -327,37 +368,57 @@ class PackedLoader:
         self.skipped = Counter()  # documents dropped by the packer, by reason
 
     # ---------------------------------------------------------------------------------- iteration
-    def blocks(self):
-        """Blocks of the global stream from the current position on."""
-        cfg, m = self.cfg, self.mixture
-        # Workers read ahead; the DataLoader hands documents back in sampler order.
-        reader = iter(torch.utils.data.DataLoader(
-            self.reader, sampler=_Indices(self._document), batch_size=None, num_workers=cfg.num_workers,
-            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None))
-
-        def next_document(pos: int) -> PackableDocument:
-            doc = next(reader)
-            assert doc.index == pos, (doc.index, pos)
-            return doc
-
-        mbs, per_block = cfg.micro_batch_size, cfg.micro_batch_size * cfg.dp_world_size
-        mine = range(cfg.dp_rank * mbs, (cfg.dp_rank + 1) * mbs)
+    def layout_blocks(self):
+        """Blocks of the global stream from the current position on, laid out from document shapes."""
+        cfg = self.cfg
         position, j = (self._document, self._offset, None), self._sequence
         while True:
-            own, layouts, tokens, skipped = [], [], Counter(), Counter()
-            for i in range(per_block):
-                pieces, dropped, documents, position = layout_sequence(next_document, cfg.seq_length, position)
-                layouts.append(pieces)
-                skipped.update(reason for _, reason in dropped)
+            block = Block(j, [], [], None, Counter(), Counter())
+            for _ in range(cfg.micro_batch_size * cfg.dp_world_size):
+                pieces, dropped, shapes, position = layout_sequence(self.reader.shape, cfg.seq_length, position)
+                block.layouts.append(pieces)
+                block.dropped.append(dropped)
+                block.skipped.update(reason for _, reason in dropped)
                 for g, a, b in pieces:
-                    tokens[documents[g].source] += b - a
-                if i in mine:
-                    for doc in documents.values():
+                    block.tokens_by_source[shapes[g].source] += b - a
+            block.position = position[:2]
+            yield block
+            j += len(block.layouts)
+
+    def blocks(self):
+        """Blocks with this rank's sequences built. Loader workers read (ahead) only the documents of them."""
+        cfg, m = self.cfg, self.mixture
+        mine = slice(cfg.dp_rank * cfg.micro_batch_size, (cfg.dp_rank + 1) * cfg.micro_batch_size)
+        for_reader, for_building = itertools.tee(self.layout_blocks())
+
+        def own_documents():
+            last = None
+            for block in for_reader:
+                for pieces in block.layouts[mine]:
+                    for g, _, _ in pieces:
+                        if g != last:
+                            yield g
+                            last = g
+
+        # Workers read ahead; the DataLoader hands documents back in sampler order.
+        reader = iter(torch.utils.data.DataLoader(
+            self.reader, sampler=_Indices(own_documents()), batch_size=None, num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None))
+        current = {}
+        for block in for_building:
+            for pieces, dropped in zip(block.layouts[mine], block.dropped[mine]):
+                for g, _, end in pieces:
+                    if g not in current:
+                        doc = next(reader)
+                        if doc.index != g or doc.length < end:
+                            raise RuntimeError(f"document {g}: the layout index does not match the shards")
                         self.builder.prepare(doc)
-                    own.append(build_sequence(pieces, documents, cfg.seq_length, m.latent_dim, m.ids, m.cfg.seed,
-                                              dropped))
-            yield Block(j, own, layouts, position[:2], tokens, skipped)
-            j += per_block
+                        current[g] = doc
+                block.own.append(build_sequence(pieces, current, cfg.seq_length, m.latent_dim, m.ids, m.cfg.seed,
+                                                dropped))
+                if pieces:  # only the last document can continue into this rank's next sequence
+                    current = {pieces[-1][0]: current[pieces[-1][0]]}
+            yield block
 
     def __iter__(self):
         for block in self.blocks():

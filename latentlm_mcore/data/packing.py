@@ -77,11 +77,44 @@ class PackableDocument:
             raise ValueError(f"document {self.index}: {self.latent_before[-1]} <LATENT> ids but "
                              f"{len(self.latents)} latents")
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
     def longest_run(self) -> int:
         if not np.any(self.run_start >= 0):
             return 0
         starts, counts = np.unique(self.run_start[self.run_start >= 0], return_counts=True)
         return int(counts.max())
+
+
+@dataclass
+class DocumentShape:
+    """What the layout of sequences needs of a document: its length and image runs (no ids, no latents)."""
+    index: int
+    source: str
+    length: int
+    runs: np.ndarray  # int [r, 2]: (<BOD> position, <EOD> position) of each image run
+    start: int = 0
+
+    @property
+    def run_start(self) -> np.ndarray:
+        if self._run_start is None:
+            self._run_start = np.full(self.length, -1, np.int64)
+            for b, e in self.runs:
+                self._run_start[b:e + 1] = b
+        return self._run_start
+
+    def longest_run(self) -> int:
+        return int((self.runs[:, 1] - self.runs[:, 0]).max()) + 1 if len(self.runs) else 0
+
+    def __post_init__(self):
+        self._run_start = None
+
+
+def image_runs(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
+    """(<BOD>, <EOD>) positions of each image run of a document's ids, int32 [r, 2]."""
+    return np.stack([np.flatnonzero(tokens == ids.bod), np.flatnonzero(tokens == ids.eod)], 1).astype(np.int32)
 
 
 @dataclass
@@ -93,8 +126,8 @@ class PackedSequence:
 
 def layout_sequence(next_document, seq_length: int, position: tuple[int, int, PackableDocument | None]):
     """Decide which document slices fill one sequence of `seq_length`, reading `next_document(pos)` (the
-    PackableDocument at queue position pos) as needed; only tokens are looked at, so the layout of a
-    sequence some other rank builds costs little.
+    PackableDocument or DocumentShape at queue position pos) as needed; only lengths and image runs are
+    looked at, so the layout of a sequence some other rank builds costs little.
 
     `position` = (queue position, token offset, current document or None) says where the previous
     sequence stopped; returns (pieces, skipped, documents, new position): pieces (document index, start,
@@ -113,7 +146,7 @@ def layout_sequence(next_document, seq_length: int, position: tuple[int, int, Pa
                 queue_pos, offset, doc = queue_pos + 1, 0, None
                 continue
             offset = max(offset, doc.start)
-        n = len(doc.tokens)
+        n = doc.length
         end = min(n, offset + s - fill)
         if end < n and doc.run_start[end] >= 0 and doc.run_start[end] < end:
             end = int(doc.run_start[end])  # would cut an image run: stop before its <BOD>

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from latentlm_mcore.data import schema
+from latentlm_mcore.data.packing import SpecialIds, image_runs
 from latentlm_mcore.data.schema import RejectedDocument
 from latentlm_mcore.data.streaming_compat import import_streaming
 from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file
@@ -168,9 +169,12 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = load_sigma_vae(cfg.vae_checkpoint).to(device).eval()
+    tokenizer_ids = SpecialIds(bod=tokenizer.bod_id, eod=tokenizer.eod_id, latent=tokenizer.latent_id,
+                               end_of_document=tokenizer.end_of_document_id, pad=-1)
     vcfg = vae.config
     moments = _LatentMoments(vcfg.latent_dim)
     writers: dict[str, object] = {}
+    shapes: dict[str, tuple[list, list]] = {}  # source -> (lengths, image runs) of its documents, in order
     written, tokens_written, latents_written, rejected = Counter(), Counter(), Counter(), Counter()
     images_written = images_read = 0
     pending: list[tuple[schema.RawDocument, np.ndarray, list[np.ndarray]]] = []
@@ -197,6 +201,9 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
             at += len(ims)
             writer_for(doc.source).write({"tokens": tokens, "latents": schema.encode_latents(doc_latents), "doc_id": doc.id,
                                           "source": doc.source})
+            lengths, runs = shapes.setdefault(doc.source, ([], []))
+            lengths.append(len(tokens))
+            runs.append(image_runs(tokens, tokenizer_ids))
             written[doc.source] += 1
             images_written += len(ims)
             tokens_written[doc.source] += len(tokens)
@@ -241,6 +248,9 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     bar.close()
     for source, writer in writers.items():
         writer.finish()
+        lengths, runs = shapes[source]
+        write_layout(os.path.join(cfg.output, source, name + ".tmp"), lengths, [len(r) for r in runs],
+                     np.concatenate(runs) if runs else np.zeros((0, 2), np.int32))
         os.replace(os.path.join(cfg.output, source, name + ".tmp"), os.path.join(cfg.output, source, name))
     os.replace(rejects_path + ".tmp", rejects_path)
 
@@ -265,6 +275,31 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     }
     schema.write_json_atomic(manifest_path, manifest)  # last: marks the part finished
     return manifest
+
+
+# ------------------------------------------------------------------------------------ layout index
+
+LAYOUT_FILES = ("layout_lengths.npy", "layout_run_counts.npy", "layout_runs.npy")
+
+
+def write_layout(folder: str, lengths, run_counts, runs) -> None:
+    """Each document's length and image runs, in sample order, beside its MDS shards: what laying out the
+    global stream of sequences needs, readable without decoding a shard (Megatron's `.idx` sizes, in spirit)."""
+    arrays = (np.asarray(lengths, np.int32), np.asarray(run_counts, np.int32),
+              np.asarray(runs, np.int32).reshape(-1, 2))
+    for fname, array in zip(LAYOUT_FILES, arrays):
+        tmp = os.path.join(folder, fname + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, os.path.join(folder, fname))
+
+
+def read_layout(folder: str, mmap: bool = True):
+    """(lengths, run offsets [n + 1], runs [r, 2]) written by `write_layout`, or None if absent."""
+    if not all(os.path.exists(os.path.join(folder, f)) for f in LAYOUT_FILES):
+        return None
+    lengths, counts, runs = (np.load(os.path.join(folder, f), mmap_mode="r" if mmap else None) for f in LAYOUT_FILES)
+    return lengths, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]), runs
 
 
 # ---------------------------------------------------------------------------------------------- merge
@@ -295,11 +330,12 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
 
     sources = {}
     for source in schema.SOURCES:
-        shards = []
+        shards, layouts = [], []
         for p in parts:
             index_path = os.path.join(output, source, p["part"], "index.json")
             if not os.path.exists(index_path):
                 continue
+            layouts.append(read_layout(os.path.join(output, source, p["part"]), mmap=False))
             with open(index_path) as f:
                 for shard in json.load(f)["shards"]:
                     for key in ("raw_data", "zip_data"):
@@ -308,6 +344,10 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
                     shards.append(shard)
         if shards:
             schema.write_json_atomic(os.path.join(output, source, "index.json"), {"version": 2, "shards": shards})
+            if all(layout is not None for layout in layouts):  # parts written before the index have none
+                write_layout(os.path.join(output, source), np.concatenate([lay[0] for lay in layouts]),
+                             np.concatenate([np.diff(lay[1]) for lay in layouts]),
+                             np.concatenate([lay[2] for lay in layouts]))
             sources[source] = sum(p["documents_written"].get(source, 0) for p in parts)
 
     count = sum(p["latent_moments"]["count"] for p in parts)

@@ -158,6 +158,26 @@ def test_global_stream_is_one_sequence_order_under_any_dp_layout_and_resume(data
     assert any(len(spans) > 1 for spans in cover.values()), "some documents span two sequences"
 
 
+def test_layout_index_gives_the_documents_shapes_without_reading_them(dataset, cache_dir):
+    """Every rank lays out the whole global stream; it does so from preprocessing's layout index (lengths and
+    image runs), which must agree with the documents as the reader delivers them (pair direction and caption
+    dropout included), and give the same batches as laying out from the documents themselves."""
+    from latentlm_mcore.data.packing import image_runs
+
+    mix = mixture(dataset, cache_dir, "shape")
+    assert all(mix.layouts[s] is not None for s in mix.sources)
+    reader = DocumentReader(mix, condition_dropout=0.5)
+    for g in range(2 * mix.epoch_size):
+        shape, doc = reader.shape(g), reader[g]
+        assert (shape.source, shape.length) == (doc.source, doc.length), g
+        assert np.array_equal(shape.runs, image_runs(doc.tokens, mix.ids)), g
+    cfg = LoaderConfig(seq_length=64, micro_batch_size=2, dp_rank=1, dp_world_size=2, condition_dropout=0.5)
+    indexed = batches(PackedLoader(mix, cfg), 8)
+    no_index = mixture(dataset, cache_dir, "no-index")
+    no_index.layouts = {s: None for s in no_index.sources}  # a dataset preprocessed before the index
+    assert_same(indexed, batches(PackedLoader(no_index, cfg), 8))
+
+
 def covered(pieces_by_seq):
     cover = {}
     for seq_pieces in pieces_by_seq:
