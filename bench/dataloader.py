@@ -10,7 +10,9 @@ randomly initialised σ-VAEs) into a temporary folder:
 - with the paper's latent geometry (256 latents x 32 channels per 256px image; a narrow encoder,
   since the loader's cost depends only on the latent shape), timed at seq 4096: tokens/s per reader
   worker, the figure to size GPU nodes with (workers per GPU >= GPU tokens/s / tokens/s per worker).
-Loader timings use 0 (reading and packing in the trainer's process), 1 and 2 reader workers.
+Loader timings use 0 (reading and packing in the trainer's process), 1 and 2 reader workers, for DP rank 0
+of 1 and of `--dp` ranks (every rank lays out the whole global stream of packed sequences and builds its
+own share: the figure is the tokens/s that one rank delivers to its own GPU).
 Printed and written to bench/results/dataloader.json.
 """
 
@@ -108,11 +110,12 @@ def build_dataset(root: str, num_docs: int, vae_config) -> str:
 
 
 def loader_tokens_per_second(dataset: str, cache: str, seq_length: int, micro_batch_size: int, workers: int,
-                             batches: int, repeats: int = 3) -> float:
-    """Median over `repeats` timed stretches of `batches` micro-batches (the machine is shared)."""
+                             batches: int, repeats: int = 3, dp_world_size: int = 1) -> float:
+    """Median over `repeats` timed stretches of `batches` micro-batches (the machine is shared): the tokens
+    per second that DP rank 0 of `dp_world_size` delivers to its own GPU."""
     mixture = StreamMixture(MixtureConfig(dataset_root=dataset, cache_dir=cache))
     loader = PackedLoader(mixture, LoaderConfig(seq_length=seq_length, micro_batch_size=micro_batch_size,
-                                                num_workers=workers))
+                                                num_workers=workers, dp_world_size=dp_world_size))
     it = iter(loader)
     for _ in range(max(5, batches // 10)):  # warm-up: shard copies into the cache, worker start
         next(it)
@@ -130,6 +133,8 @@ def main(argv=None):
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--docs", type=int, default=400, help="documents of the synthetic dataset")
+    p.add_argument("--out", default=RESULTS)
+    p.add_argument("--dp", type=int, default=8, help="also time DP rank 0 of this many data-parallel ranks")
     args = p.parse_args(argv)
 
     from latentlm_mcore.config import get_preset
@@ -145,14 +150,14 @@ def main(argv=None):
                                         ("paper_latents", paper_geometry, (4096, 1))):
             dataset = build_dataset(os.path.join(tmp, name), args.docs, vae_config)
             rows = []
-            for workers in (0, 1, 2):
+            for dp, workers in ((1, 0), (1, 1), (1, 2), (args.dp, 1), (args.dp, 2)):
                 n = args.batches if shape[0] < 1024 else max(20, args.batches // 10)
-                tps = loader_tokens_per_second(dataset, os.path.join(tmp, name, f"cache{workers}"), *shape,
-                                               workers, n)
-                rows.append({"workers": workers, "tokens_per_s": round(tps),
+                tps = loader_tokens_per_second(dataset, os.path.join(tmp, name, f"cache{dp}-{workers}"), *shape,
+                                               workers, n, dp_world_size=dp)
+                rows.append({"dp_world_size": dp, "workers": workers, "tokens_per_s": round(tps),
                              "tokens_per_s_per_worker": round(tps / max(workers, 1))})
-                print(f"loader {name:13s} seq {shape[0]:>4} x {shape[1]}  workers {workers}: {tps:>10,.0f} tokens/s "
-                      f"({rows[-1]['tokens_per_s_per_worker']:,} per worker)", flush=True)
+                print(f"loader {name:13s} seq {shape[0]:>4} x {shape[1]}  DP rank 0 of {dp}, workers {workers}: "
+                      f"{tps:>10,.0f} tokens/s ({rows[-1]['tokens_per_s_per_worker']:,} per worker)", flush=True)
             results[name] = {"seq_length": shape[0], "micro_batch_size": shape[1],
                              "latents_per_image": vae_config.num_latents, "latent_dim": vae_config.latent_dim,
                              "loader": rows}
@@ -162,18 +167,18 @@ def main(argv=None):
     results["training_step_tokens_per_s"] = step
     results["ratio_loader_over_step"] = best / step
     print(f"training step ({args.preset}, this CPU): {step:,.0f} tokens/s -> loader / step = {best / step:.1f}x")
-    per_worker = results["paper_latents"]["loader"][1]["tokens_per_s"]  # one reader worker
+    per_worker = min(r["tokens_per_s"] for r in results["paper_latents"]["loader"] if r["workers"] == 1)
     results["sizing"] = {"assumed_gpu_tokens_per_s_1p3b_h100": ASSUMED_H100_TOKENS_PER_S_1P3B,
                          "tokens_per_s_per_worker_seq4096": per_worker,
                          "workers_per_gpu": ASSUMED_H100_TOKENS_PER_S_1P3B / per_worker}
     print(f"sizing: one reader worker packs {per_worker:,} tokens/s at seq 4096 with paper-size latents; "
           f"an H100 training the 1.3B model at ~{ASSUMED_H100_TOKENS_PER_S_1P3B:,} tokens/s (assumed) needs "
           f"{ASSUMED_H100_TOKENS_PER_S_1P3B / per_worker:.2f} workers")
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS + ".tmp", "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
         json.dump(results, f, indent=1)
-    os.replace(RESULTS + ".tmp", RESULTS)
-    print(f"wrote {RESULTS}")
+    os.replace(args.out + ".tmp", args.out)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

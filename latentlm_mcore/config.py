@@ -92,7 +92,10 @@ class RunConfig:
     load: str | None = None  # start from this checkpoint when `save` has none yet (`save` has priority)
     data_cache: str | None = None  # node-local cache for remote (s3://...) datasets; local paths are read in place
     proportions: str = "text=2,pair=1,interleaved=1"
-    condition_dropout: float = 0.1  # drop a pair's caption with this probability (classifier-free guidance)
+    mixture_unit: Literal["tokens", "documents"] = "tokens"  # what `proportions` share out
+    condition_dropout: float = 0.1  # drop a caption-first pair's caption with this probability (CFG)
+    image_first_share: float = 0.5  # share of pairs emitted image -> caption (captioning); the rest caption -> image
+    sample_latents: bool = True  # the LM sees σ-VAE samples z = μ + σ·ε drawn in the loader (False: μ)
     num_workers: int = 2  # document-reading processes per rank
     log_interval: int = 10
     save_interval: int = 1000

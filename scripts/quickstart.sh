@@ -62,7 +62,7 @@ if [ "$(cat "$OUT/model/latest" 2>/dev/null)" = "$(printf 'iter_%07d' "$STEPS")"
 else
   $PY -m torch.distributed.run --standalone --nproc-per-node 2 pretrain/pretrain_latentlm.py --preset quickstart \
     --data "$OUT/data/train" --eval-data "$OUT/data/heldout" --save "$OUT/model" \
-    --proportions text=1,pair=12,interleaved=2 --num-workers 1 --log-interval 10 --save-interval 100 \
+    --proportions text=1,pair=12,interleaved=2 --mixture-unit documents --num-workers 1 --log-interval 10 --save-interval 100 \
     --eval-interval 250 --eval-iters 4 --train.train-steps "$STEPS" --train.warmup-steps "$WARMUP"
 fi
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentlm_mcore.config import (PRESETS, ModelConfig, add_config_arguments, apply_overrides,  # noqa: E402
-                                   config_overrides, get_preset)
+from latentlm_mcore.config import (PRESETS, ModelConfig, RunConfig, add_config_arguments,  # noqa: E402
+                                   apply_overrides, config_overrides, get_preset)
 from latentlm_mcore.training.metrics import PEAK_BF16_TFLOPS  # noqa: E402
-from latentlm_mcore.training.plan import plan_run  # noqa: E402
+from latentlm_mcore.data.mixture import parse_proportions  # noqa: E402
+from latentlm_mcore.training.plan import mixture_latent_fraction, plan_run  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -33,6 +34,10 @@ def parse_args(argv=None):
                    help="share of positions that predict an image latent (2:1:1 text:pair:interleaved mix)")
     p.add_argument("--gpu-memory", type=float, help="GiB per GPU: list the parallel layouts that fit")
     p.add_argument("--layouts", type=int, default=10, help="how many fitting layouts to list")
+    p.add_argument("--data", nargs="+", help="preprocessed dataset(s): take the latent fraction from their manifests "
+                                          "under --proportions, as the loader mixes them")
+    p.add_argument("--proportions", default=RunConfig.proportions)
+    p.add_argument("--mixture-unit", default=RunConfig.mixture_unit, choices=("tokens", "documents"))
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_config_arguments(p.add_argument_group("model (preset overrides)"), ModelConfig, "model.")
     return p.parse_args(argv)
@@ -63,8 +68,12 @@ def main(argv=None):
         cfg = apply_overrides(cfg, overrides)
         cfg.model.__post_init__()
     tokens = args.tokens or cfg.tokens_per_step * cfg.train.train_steps
+    latent_fraction = args.latent_fraction
+    if args.data:
+        latent_fraction = mixture_latent_fraction(args.data, parse_proportions(args.proportions), args.mixture_unit)
+        args.latent_fraction = latent_fraction  # the layout search plans the same mixture
     plan = plan_run(cfg, tokens, args.nodes, args.gpus_per_node, args.mfu, PEAK_BF16_TFLOPS[args.gpu],
-                    args.latent_fraction)
+                    latent_fraction)
     report, data = layout_report(args, cfg) if args.gpu_memory else ("", {})
     if args.json:
         print(json.dumps(dict(asdict(plan), **({"layouts": data} if data else {})), indent=2))

@@ -24,6 +24,9 @@ def main(argv=None):
     p.add_argument("--output", required=True)
     p.add_argument("--num-shards", type=int, default=1, help="parts the work is split into (Slurm array size)")
     p.add_argument("--merge", action="store_true", help="only join the finished parts into the dataset")
+    p.add_argument("--latent-normalisation", choices=("global", "per_channel"), default="global",
+                   help="when the σ-VAE file has no latent statistics: one global scale and shift of its "
+                        "samples over this dataset (default), or one per channel (std floored at 0.1 x global)")
     p.add_argument("--input", nargs="+", help="raw JSONL files or globs")
     p.add_argument("--image-root", help="folder every image path is relative to (and must stay inside)")
     p.add_argument("--vae", help="σ-VAE file written by save_sigma_vae")
@@ -46,7 +49,7 @@ def main(argv=None):
             progress=not args.no_progress))
         print(f"{part['part']}: written {part['documents_written']}, rejected {part['documents_rejected']}")
     if args.merge or args.num_shards == 1:
-        manifest = merge_parts(args.output, args.num_shards)
+        manifest = merge_parts(args.output, args.num_shards, args.latent_normalisation)
         print(json.dumps({k: manifest[k] for k in ("documents_written", "images_written", "documents_rejected")}))
 
 

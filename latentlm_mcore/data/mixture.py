@@ -1,22 +1,29 @@
-"""The training data stream: a weighted mixture of MDS datasets, split over data-parallel ranks, packed.
+"""The training data stream: a weighted mixture of MDS datasets, packed into one global stream of
+sequences that data-parallel ranks take by index.
 
-`StreamMixture` is mosaicml-streaming's `StreamingDataset` over one `Stream` per source with
-proportions (default text : pairs : interleaved = 2 : 1 : 1). Streaming draws each epoch's resampled,
-shuffled sample order; we read that order as one global sequence of documents (global index
-g = epoch * epoch_size + position) and read samples by random access.
+`StreamMixture` is mosaicml-streaming's `StreamingDataset` over one `Stream` per source. The mixture
+ratio (default text : pairs : interleaved = 2 : 1 : 1) is a share of *tokens* by default: each source's
+streaming proportion is its ratio divided by its mean tokens per document (from the manifest), so short
+pair documents are drawn more often (`document_weights`; `unit="documents"` counts documents instead).
+Streaming draws each epoch's resampled, shuffled sample order; we read that order as one global
+sequence of documents (global index g = epoch * epoch_size + position) and read samples by random access.
 
-`PackedLoader` gives data-parallel rank r of W the documents g = frontier + r, frontier + r + W, ...
-and packs them. We split over ranks ourselves instead of letting streaming do it because
-- streaming detects ranks from RANK / WORLD_SIZE, which count tensor- and pipeline-parallel peers too;
-  our split uses only (dp_rank, dp_world_size), so TP/PP peers of a DP rank read identical documents
-  without communicating;
-- resuming at another DP size must neither repeat nor skip a document even though each rank's packer
-  stops in the middle of a document. The checkpoint therefore keeps every rank's position; merged, they
-  give the first document no rank has touched (the new frontier) plus the short list of documents below
-  it that are unread or half packed, which the new layout takes first.
+`PackedLoader` packs that document sequence into ONE global stream of sequences j = 0, 1, 2, ... — the
+same on every rank, whatever the parallel layout (Megatron's global sample index is the model). DP rank r
+of W with micro-batch b takes, from each block of b·W consecutive sequences, the sequences r·b ... r·b+b-1;
+one optimizer step (global batch B, a multiple of b·W) therefore consumes the sequences
+[step·B, (step+1)·B) under any layout, and a run resumed at another DP size continues with exactly the
+global batches the original layout would have drawn. Every rank lays out every sequence (that reads only
+token ids) but builds only its own: scaling latents, drawing σ-VAE samples and filling the tensors.
 
-Checkpointing: each DP rank's `state_dict()` is small; the trainer stores the list over DP ranks
-(TP/PP peers hold identical states) and passes that list to `load_state_dict` at any DP size.
+Per document, from (seed, g): condition dropout, the direction of a pair (caption → image or image →
+caption), and the σ-VAE sample z = μ + σ·ε of each of its images (`latentlm_mcore.vae.sample_sigma_latents`,
+the draw σ-VAE training uses), so every layout and every resume sees the same z, as input and as diffusion
+target.
+
+Checkpointing: the position after the last consumed block is the same on every rank; `state_dict()` is
+small, and the trainer stores the list over DP ranks (all equal) and passes it to `load_state_dict` at any
+DP size or micro-batch size.
 """
 
 from __future__ import annotations
@@ -30,11 +37,13 @@ import numpy as np
 import torch
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.packing import PackableDocument, SpecialIds, collate, pack_documents
+from latentlm_mcore.data.packing import (DocumentShape, PackableDocument, SpecialIds, build_sequence, collate,
+                                         layout_sequence)
 from latentlm_mcore.data.streaming_compat import import_streaming
 
 DEFAULT_PROPORTIONS = {"text": 2.0, "pair": 1.0, "interleaved": 1.0}
-STATE_VERSION = 1
+MIXTURE_UNITS = ("tokens", "documents")
+STATE_VERSION = 2
 
 
 @dataclass
@@ -48,20 +57,76 @@ class MixtureConfig:
     # nothing that makes the restarted run fail with "Reused local directory".
     cache_dir: str | None = None
     proportions: dict = field(default_factory=lambda: dict(DEFAULT_PROPORTIONS))
-    seed: int = 1234  # shuffle, resampling, condition dropout and noise seeds derive from it
+    unit: str = "tokens"  # what `proportions` share out: "tokens" (default) or "documents"
+    seed: int = 1234  # shuffle, resampling, condition dropout, pair direction, σ-VAE sample and noise seeds
     # Samples are shuffled within blocks of this many (streaming's default for one canonical node). A block
-    # spans many shards of every stream, which keeps the 2:1:1 mix steady from one batch to the next.
+    # spans many shards of every stream, which keeps the mix steady from one batch to the next.
     shuffle_block_size: int = 4_000_000
     cache_limit: str | None = None  # e.g. "500gb": streaming evicts the coldest shards beyond it
 
 
+def parse_proportions(text: str) -> dict:
+    """"text=2,pair=1,interleaved=1" -> {"text": 2.0, ...}"""
+    out = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"proportions: {item!r} is not name=number") from None
+    return out
+
+
+def source_statistics(manifests: list[dict]) -> dict:
+    """{source: {"documents", "tokens", "latent_tokens"}} summed over the manifests that hold it."""
+    out = {}
+    for m in manifests:
+        for source in m["sources"]:
+            row = out.setdefault(source, {"documents": 0, "tokens": 0, "latent_tokens": 0})
+            row["documents"] += m["documents_written"].get(source, 0)
+            row["tokens"] += m["tokens_written"].get(source, 0)
+            row["latent_tokens"] += m.get("latent_tokens_written", {}).get(source, 0)
+    return out
+
+
+def document_weights(proportions: dict, statistics: dict, unit: str = "tokens") -> dict:
+    """Streaming's per-source proportions (documents) that give `proportions` in `unit`, normalised to sum 1.
+    Tokens: weight_s ∝ proportion_s / mean tokens per document of s. The one formula the loader and
+    tools/plan_run.py use."""
+    if unit not in MIXTURE_UNITS:
+        raise ValueError(f"mixture unit {unit!r} is not one of {MIXTURE_UNITS}")
+    weights = {}
+    for source, p in proportions.items():
+        if p <= 0:
+            continue
+        if source not in statistics or not statistics[source]["documents"]:
+            raise ValueError(f"mixture: no documents of source {source!r}; present: {sorted(statistics)}")
+        row = statistics[source]
+        weights[source] = p / (row["tokens"] / row["documents"]) if unit == "tokens" else p
+    total = sum(weights.values())
+    return {s: w / total for s, w in weights.items()}
+
+
+def expected_token_shares(weights: dict, statistics: dict) -> dict:
+    """Token share of each source when documents are drawn with `weights` (at the manifest's mean lengths)."""
+    tokens = {s: w * statistics[s]["tokens"] / statistics[s]["documents"] for s, w in weights.items()}
+    total = sum(tokens.values())
+    return {s: t / total for s, t in tokens.items()}
+
+
+def expected_latent_fraction(weights: dict, statistics: dict) -> float:
+    """Share of all tokens that are latents (≈ positions whose next token is a latent) under `weights`."""
+    tokens = sum(w * statistics[s]["tokens"] / statistics[s]["documents"] for s, w in weights.items())
+    latents = sum(w * statistics[s]["latent_tokens"] / statistics[s]["documents"] for s, w in weights.items())
+    return latents / tokens
+
+
 class StreamMixture:
-    """Global document order of the mixture, and random access to document g (unscaled latents)."""
+    """Global document order of the mixture, and random access to document g (unscaled μ latents)."""
 
     def __init__(self, cfg: MixtureConfig):
         streaming = import_streaming()
         self.cfg = cfg
-        self.sources = [s for s in cfg.proportions if cfg.proportions[s] > 0]
         roots = [cfg.dataset_root] if isinstance(cfg.dataset_root, str) else list(cfg.dataset_root)
         root_of, manifests = {}, [schema.read_manifest(r) for r in roots]
         for root, manifest in zip(roots, manifests):
@@ -69,11 +134,15 @@ class StreamMixture:
                 if source in root_of:
                     raise ValueError(f"source {source!r} is in both {root_of[source]} and {root}")
                 root_of[source] = root
-        missing = [s for s in self.sources if s not in root_of]
+        wanted = [s for s in cfg.proportions if cfg.proportions[s] > 0]
+        missing = [s for s in wanted if s not in root_of]
         if missing:
             raise ValueError(f"no documents of source(s) {missing} in {roots}; present: {sorted(root_of)}")
         self.manifest = _common_manifest(manifests, roots)
-        streams = [_stream(streaming, root_of[s], s, cfg.cache_dir, float(cfg.proportions[s])) for s in self.sources]
+        self.statistics = source_statistics(manifests)
+        self.weights = document_weights(cfg.proportions, self.statistics, cfg.unit)
+        self.sources = list(self.weights)
+        streams = [_stream(streaming, root_of[s], s, cfg.cache_dir, self.weights[s]) for s in self.sources]
         # batch_size / num_canonical_nodes only shape streaming's own partition, which we read for a world
         # of one rank; fixing them keeps the global order independent of the machine.
         self.dataset = streaming.StreamingDataset(
@@ -85,8 +154,16 @@ class StreamMixture:
         dim = int(self.manifest["latent_dim"])
         self.latent_mean = np.asarray(stats["mean"] if stats else np.zeros(dim), np.float32)
         self.latent_std = np.asarray(stats["std"] if stats else np.ones(dim), np.float32)
+        c_sigma = (self.manifest.get("vae") or {}).get("c_sigma")  # None: preprocessed before it was recorded
+        self.c_sigma = None if c_sigma is None else float(c_sigma)
         self.ids = SpecialIds.from_manifest(self.manifest)
-        self.latent_dim = int(self.manifest["latent_dim"])
+        self.latent_dim = dim
+        # each document's length and image runs (preprocessing's layout index), where the dataset has one
+        from latentlm_mcore.data.preprocess import read_layout
+
+        self.layouts = {s: read_layout(os.path.join(root_of[s], s)) if "://" not in root_of[s] else None
+                        for s in self.sources}
+        self.tokens_per_image = int(self.manifest["tokens_per_image"])
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample ids of one epoch in streaming's resampled, shuffled order (cached for the current epoch)."""
@@ -110,6 +187,17 @@ class StreamMixture:
 
     def document(self, g: int) -> dict:
         return self.dataset[self.sample_id(g)]
+
+    def stored_shape(self, g: int):
+        """(source, length, image runs [r, 2]) of document g as stored, from the layout index; None without one."""
+        sample_id = self.sample_id(g)
+        stream = int(np.searchsorted(self.dataset.sample_offset_per_stream, sample_id, side="right")) - 1
+        layout = self.layouts[self.sources[stream]]
+        if layout is None:
+            return None
+        lengths, offsets, runs = layout
+        i = sample_id - int(self.dataset.sample_offset_per_stream[stream])
+        return self.sources[stream], int(lengths[i]), np.asarray(runs[offsets[i]:offsets[i + 1]])
 
 
 def _common_manifest(manifests: list[dict], roots: list[str]) -> dict:
@@ -137,40 +225,112 @@ def _stream(streaming, root: str, source: str, cache_dir: str | None, proportion
                             proportion=proportion)
 
 
-def _queue(frontier: int, carry: list, rank: int, world: int, skip: int = 0):
-    """This rank's documents from queue position `skip` on: its share of `carry` (documents below the
-    frontier, with start offsets), then frontier + rank, frontier + rank + world, ...
-    Yields (global index, start offset); increasing in the global index."""
-    share = carry[rank::world]
-    for g, off in share[skip:]:
-        yield g, off
-    g = frontier + rank + max(0, skip - len(share)) * world
-    while True:
-        yield g, 0
-        g += world
+_MASK = (1 << 64) - 1
+
+
+def _seed(*key) -> int:
+    """A 63-bit seed from a tuple of ints: splitmix64 over the key (a few µs; numpy's SeedSequence or
+    default_rng cost 10-50× that, per document)."""
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = (h ^ (k & _MASK)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 31
+    return h >> 1
+
+
+def _uniform(*key) -> float:
+    return (_seed(*key) >> 10) / float(1 << 53)
 
 
 class DocumentReader(torch.utils.data.Dataset):
-    """Global index -> PackableDocument (scaled latents, condition dropout applied). Runs in loader workers."""
+    """Global index -> PackableDocument: pair direction and condition dropout applied, latents still the
+    stored μ (float16; `SequenceBuilder` samples and scales those of the documents a rank builds).
+    Runs in loader workers."""
 
-    def __init__(self, mixture: StreamMixture, condition_dropout: float):
+    def __init__(self, mixture: StreamMixture, condition_dropout: float, image_first_share: float = 0.5):
+        if not 0 <= image_first_share <= 1 or not 0 <= condition_dropout <= 1:
+            raise ValueError(f"image_first_share {image_first_share} and condition_dropout {condition_dropout} "
+                             f"must lie in [0, 1]")
         self.mixture = mixture
         self.condition_dropout = condition_dropout
+        self.image_first_share = image_first_share
+
+    def _pair_choices(self, g: int) -> tuple[bool, bool]:
+        """(image first, caption dropped) for a pair at global index g."""
+        seed = self.mixture.cfg.seed
+        image_first = _uniform(seed, 2, g) < self.image_first_share
+        # Classifier-free guidance: sometimes the image is generated with no caption to condition on.
+        dropped = not image_first and _uniform(seed, 1, g) < self.condition_dropout
+        return image_first, dropped
 
     def __getitem__(self, g: int) -> PackableDocument:
         m, ids = self.mixture, self.mixture.ids
         sample = m.document(g)
         tokens = np.asarray(sample["tokens"], np.int32)
-        latents = (schema.decode_latents(sample["latents"], m.latent_dim).astype(np.float32) - m.latent_mean) / m.latent_std
-        if sample["source"] == "pair" and self.condition_dropout > 0:
-            # Classifier-free guidance: sometimes the image is generated with no caption to condition on.
-            u = np.random.default_rng([m.cfg.seed, 1, g]).random()
-            if u < self.condition_dropout:
-                keep = np.isin(tokens, [ids.bod, ids.eod, ids.latent, ids.end_of_document])
-                tokens = tokens[keep]
-        doc = PackableDocument(index=g, source=sample["source"], tokens=tokens, latents=latents)
+        if sample["source"] == "pair":  # whichever order it was stored in, the loader picks the direction
+            image_first, dropped = self._pair_choices(g)
+            tokens = _orient_pair(tokens, ids, image_first)  # image -> caption teaches captioning
+            if dropped:
+                tokens = tokens[np.isin(tokens, [ids.bod, ids.eod, ids.latent, ids.end_of_document])]
+        doc = PackableDocument(index=g, source=sample["source"], tokens=tokens,
+                               latents=schema.decode_latents(sample["latents"], m.latent_dim), scaled=False)
         doc.mark_runs(ids)
         return doc
+
+    def shape(self, g: int):
+        """Document g's DocumentShape as `__getitem__` would give it, from the layout index without reading
+        the document; the document itself where the dataset has no index."""
+        stored = self.mixture.stored_shape(g)
+        if stored is None:
+            return self[g]
+        source, length, runs = stored
+        if source == "pair":
+            image_first, dropped = self._pair_choices(g)
+            sizes = runs[:, 1] - runs[:, 0] + 1
+            caption = 0 if dropped else length - 1 - int(sizes.sum())  # -1: <END_OF_DOCUMENT>
+            if dropped:
+                length = int(sizes.sum()) + 1
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + (0 if image_first else caption)
+            runs = np.stack([starts, starts + sizes - 1], 1) if len(runs) else runs
+        return DocumentShape(index=g, source=source, length=length, runs=runs)
+
+
+def _orient_pair(tokens: np.ndarray, ids: SpecialIds, image_first: bool) -> np.ndarray:
+    """A pair's ids with its image run(s) before the caption or after it (<END_OF_DOCUMENT> stays last)."""
+    body = tokens[:-1] if len(tokens) and tokens[-1] == ids.end_of_document else tokens
+    in_run = np.zeros(len(body), bool)
+    for b, e in zip(np.flatnonzero(body == ids.bod), np.flatnonzero(body == ids.eod)):
+        in_run[b:e + 1] = True
+    first, second = (body[in_run], body[~in_run]) if image_first else (body[~in_run], body[in_run])
+    return np.concatenate([first, second, tokens[len(body):]]).astype(np.int32)
+
+
+class SequenceBuilder:
+    """Latents of a document as the model sees them: the σ-VAE sample z = μ + σ·ε per image, drawn from
+    (seed, g) — or μ itself with `sample_latents=False` — then shifted and scaled by the latent statistics."""
+
+    def __init__(self, mixture: StreamMixture, sample_latents: bool):
+        self.mixture, self.sample_latents = mixture, sample_latents
+        self.generator = torch.Generator()
+
+    def prepare(self, doc: PackableDocument) -> None:
+        if doc.scaled:
+            return
+        m = self.mixture
+        mu = torch.from_numpy(np.asarray(doc.latents, np.float32))
+        if self.sample_latents and len(mu) and m.c_sigma is None:
+            raise ValueError(f"{m.cfg.dataset_root}: the manifest's 'vae' has no 'c_sigma' (preprocessed before the "
+                             f"loader drew σ-VAE samples): add the σ-VAE file's config.c_sigma there, or train on μ "
+                             f"with sample_latents off")
+        if self.sample_latents and len(mu) and m.c_sigma > 0:
+            from latentlm_mcore.vae.model import sample_sigma_latents
+
+            self.generator.manual_seed(_seed(m.cfg.seed, 3, doc.index))
+            images = mu.reshape(-1, m.tokens_per_image, m.latent_dim)
+            mu = sample_sigma_latents(images, m.c_sigma, self.generator).reshape(-1, m.latent_dim)
+        doc.latents = ((mu.numpy() - m.latent_mean) / m.latent_std).astype(np.float32)
+        doc.scaled = True
 
 
 class _Indices(torch.utils.data.Sampler):
@@ -187,9 +347,24 @@ class LoaderConfig:
     micro_batch_size: int
     dp_rank: int = 0
     dp_world_size: int = 1
-    condition_dropout: float = 0.1  # probability of dropping a pair's caption
+    condition_dropout: float = 0.1  # probability of dropping a caption-first pair's caption
+    image_first_share: float = 0.5  # share of pairs emitted image -> caption (the rest caption -> image)
+    sample_latents: bool = True  # the LM sees σ-VAE samples z = μ + σ·ε (False: μ)
     num_workers: int = 0  # document-reading processes per rank
     prefetch_factor: int = 8
+
+
+@dataclass
+class Block:
+    """b·W consecutive sequences of the global stream: this rank's b built (`own`, after `blocks`), the
+    rest only laid out."""
+    first_sequence: int
+    layouts: list  # pieces of every sequence of the block, in order
+    dropped: list  # (document, reason) skipped while laying out each sequence
+    position: tuple  # (document, offset) of the packer after the block
+    tokens_by_source: Counter
+    skipped: Counter
+    own: list = field(default_factory=list)  # PackedSequence x micro_batch_size
 
 
 class PackedLoader:
@@ -199,99 +374,107 @@ class PackedLoader:
         if not 0 <= cfg.dp_rank < cfg.dp_world_size:
             raise ValueError(f"dp_rank {cfg.dp_rank} not in [0, {cfg.dp_world_size})")
         self.mixture, self.cfg = mixture, cfg
+        self.reader = DocumentReader(mixture, cfg.condition_dropout, cfg.image_first_share)
+        self.builder = SequenceBuilder(mixture, cfg.sample_latents)
+        # position after the last yielded batch: the global stream's next sequence and the packer there
+        self._sequence, self._document, self._offset = 0, 0, 0
+        self.tokens_by_source = Counter()  # tokens of every consumed sequence of the global stream, by source
         self.skipped = Counter()  # documents dropped by the packer, by reason
-        self._frontier, self._carry = 0, []
-        self._consumed, self._offset = 0, 0  # position in this rank's queue after the last yielded batch
 
     # ---------------------------------------------------------------------------------- iteration
-    def sequences(self):
-        """Packed sequences one by one as (PackedSequence, position after it); the packer's bookkeeping
-        (`pieces`, `skipped`) rides along for logging and tests."""
+    def layout_blocks(self):
+        """Blocks of the global stream from the current position on, laid out from document shapes."""
         cfg = self.cfg
-        queue = _queue(self._frontier, self._carry, cfg.dp_rank, cfg.dp_world_size, skip=self._consumed)
-        for_reader, for_starts = itertools.tee(queue)
-        # Workers read ahead; the DataLoader hands documents back in sampler order.
-        reader = torch.utils.data.DataLoader(
-            DocumentReader(self.mixture, cfg.condition_dropout), sampler=_Indices(g for g, _ in for_reader),
-            batch_size=None, num_workers=cfg.num_workers,
-            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None)
-        documents = zip(reader, (start for _, start in for_starts))
-
-        def next_document(_pos: int) -> PackableDocument:
-            doc, doc.start = next(documents)
-            return doc
-
-        position = (self._consumed, self._offset, None)
+        position, j = (self._document, self._offset, None), self._sequence
         while True:
-            seq, position = pack_documents(next_document, cfg.seq_length, self.mixture.latent_dim,
-                                           self.mixture.ids, self.mixture.cfg.seed, position)
-            self.skipped.update(reason for _, reason in seq.skipped)
-            yield seq, position[:2]
+            block = Block(j, [], [], None, Counter(), Counter())
+            for _ in range(cfg.micro_batch_size * cfg.dp_world_size):
+                pieces, dropped, shapes, position = layout_sequence(self.reader.shape, cfg.seq_length, position)
+                block.layouts.append(pieces)
+                block.dropped.append(dropped)
+                block.skipped.update(reason for _, reason in dropped)
+                for g, a, b in pieces:
+                    block.tokens_by_source[shapes[g].source] += b - a
+            block.position = position[:2]
+            yield block
+            j += len(block.layouts)
+
+    def blocks(self):
+        """Blocks with this rank's sequences built. Loader workers read (ahead) only the documents of them."""
+        cfg, m = self.cfg, self.mixture
+        mine = slice(cfg.dp_rank * cfg.micro_batch_size, (cfg.dp_rank + 1) * cfg.micro_batch_size)
+        for_reader, for_building = itertools.tee(self.layout_blocks())
+
+        def own_documents():
+            last = None
+            for block in for_reader:
+                for pieces in block.layouts[mine]:
+                    for g, _, _ in pieces:
+                        if g != last:
+                            yield g
+                            last = g
+
+        # Workers read ahead; the DataLoader hands documents back in sampler order.
+        reader = iter(torch.utils.data.DataLoader(
+            self.reader, sampler=_Indices(own_documents()), batch_size=None, num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None))
+        current = {}
+        for block in for_building:
+            for pieces, dropped in zip(block.layouts[mine], block.dropped[mine]):
+                for g, _, end in pieces:
+                    if g not in current:
+                        doc = next(reader)
+                        if doc.index != g or doc.length < end:
+                            raise RuntimeError(f"document {g}: the layout index does not match the shards")
+                        self.builder.prepare(doc)
+                        current[g] = doc
+                block.own.append(build_sequence(pieces, current, cfg.seq_length, m.latent_dim, m.ids, m.cfg.seed,
+                                                dropped))
+                if pieces:  # only the last document can continue into this rank's next sequence
+                    current = {pieces[-1][0]: current[pieces[-1][0]]}
+            yield block
 
     def __iter__(self):
-        sequences = self.sequences()
-        while True:
-            batch = []
-            for _ in range(self.cfg.micro_batch_size):
-                seq, after = next(sequences)
-                batch.append(seq)
-            self._consumed, self._offset = after
-            yield collate(batch)
+        for block in self.blocks():
+            self._sequence = block.first_sequence + len(block.layouts)
+            self._document, self._offset = block.position
+            self.tokens_by_source.update(block.tokens_by_source)
+            self.skipped.update(block.skipped)
+            yield collate(block.own)
+
+    def token_share(self) -> dict:
+        """Realised share of each source in the tokens of the global batches consumed so far."""
+        total = sum(self.tokens_by_source.values())
+        return {s: self.tokens_by_source[s] / total for s in self.mixture.sources} if total else {}
 
     # --------------------------------------------------------------------------------- checkpoints
     def _fingerprint(self) -> dict:
-        m = self.mixture
-        return {"seed": m.cfg.seed, "proportions": {s: m.cfg.proportions[s] for s in m.sources},
-                "epoch_size": m.epoch_size, "seq_length": self.cfg.seq_length,
-                "condition_dropout": self.cfg.condition_dropout}
+        m, c = self.mixture, self.cfg
+        return {"seed": m.cfg.seed, "proportions": {s: m.cfg.proportions[s] for s in m.sources}, "unit": m.cfg.unit,
+                "epoch_size": m.epoch_size, "seq_length": c.seq_length, "condition_dropout": c.condition_dropout,
+                "image_first_share": c.image_first_share, "sample_latents": c.sample_latents}
 
     def state_dict(self) -> dict:
-        """This rank's position after the last yielded batch."""
-        return {"version": STATE_VERSION, "dp_rank": self.cfg.dp_rank, "dp_world_size": self.cfg.dp_world_size,
-                "frontier": self._frontier, "carry": [list(c) for c in self._carry],
-                "consumed": self._consumed, "offset": self._offset, "mixture": self._fingerprint()}
+        """The position after the last yielded batch (the same on every rank)."""
+        return {"version": STATE_VERSION, "sequence": self._sequence, "document": self._document,
+                "offset": self._offset, "tokens_by_source": dict(self.tokens_by_source),
+                "skipped": dict(self.skipped), "mixture": self._fingerprint()}
 
     def load_state_dict(self, states) -> None:
-        """Resume from the states of every DP rank of the saving run (a list, or one dict if it had one
-        rank). At the same DP size each rank continues exactly where it stopped; at another size the
-        positions are merged (`merge_rank_states`) and the new ranks share what is left."""
+        """Resume from the states of the saving run's DP ranks (a list, or one dict) at any DP size and
+        micro-batch size whose b·W divides the sequences consumed (it always does at a step boundary)."""
         states = [states] if isinstance(states, dict) else list(states)
         for s in states:
             if s.get("version") != STATE_VERSION:
-                raise ValueError(f"loader state version {s.get('version')} != {STATE_VERSION}")
+                raise ValueError(f"loader state version {s.get('version')} != {STATE_VERSION}: saved by a loader "
+                                 f"that split documents per rank; it cannot resume the global sequence stream")
             if s["mixture"] != self._fingerprint():
                 raise ValueError(f"loader state was saved with {s['mixture']}, this loader has {self._fingerprint()}")
-        world = states[0]["dp_world_size"]
-        by_rank = {s["dp_rank"]: s for s in states}
-        if sorted(by_rank) != list(range(world)) or any(s["dp_world_size"] != world for s in states):
-            raise ValueError(f"need the loader states of all {world} DP ranks, got ranks {sorted(by_rank)}")
-        if world == self.cfg.dp_world_size:
-            own = by_rank[self.cfg.dp_rank]
-            self._frontier, self._carry = own["frontier"], [tuple(c) for c in own["carry"]]
-            self._consumed, self._offset = own["consumed"], own["offset"]
-        else:
-            self._frontier, self._carry = merge_rank_states(states)
-            self._consumed, self._offset = 0, 0
-        self.skipped.clear()
-
-
-def merge_rank_states(states: list[dict]) -> tuple[int, list]:
-    """Positions of all ranks of one layout -> (frontier, carry) for any layout: every document >=
-    frontier is untouched; carry lists, sorted, the documents below it that their rank has not finished,
-    each with the offset where packing resumes (0: not started)."""
-    world = states[0]["dp_world_size"]
-    by_rank = {s["dp_rank"]: s for s in states}
-    frontier, carry = states[0]["frontier"], [tuple(c) for c in states[0]["carry"]]  # common to all ranks
-
-    def rest_of_queue(r):
-        return _queue(frontier, carry, r, world, skip=by_rank[r]["consumed"])
-
-    # Every document a rank has touched is below the document it stands at.
-    new_frontier = max([frontier] + [next(rest_of_queue(r))[0] + 1 for r in range(world)])
-    unfinished = []
-    for r in range(world):
-        for i, (g, start) in enumerate(rest_of_queue(r)):
-            if g >= new_frontier:
-                break
-            unfinished.append((g, max(start, by_rank[r]["offset"]) if i == 0 else start))
-    return new_frontier, sorted(unfinished)
+            if s != states[0]:
+                raise ValueError("the DP ranks' loader states disagree; they must be one position of the global stream")
+        state, per_block = states[0], self.cfg.micro_batch_size * self.cfg.dp_world_size
+        if state["sequence"] % per_block:
+            raise ValueError(f"the checkpoint consumed {state['sequence']} sequences, not a multiple of micro-batch "
+                             f"{self.cfg.micro_batch_size} x DP {self.cfg.dp_world_size}")
+        self._sequence, self._document, self._offset = state["sequence"], state["document"], state["offset"]
+        self.tokens_by_source, self.skipped = Counter(state["tokens_by_source"]), Counter(state["skipped"])

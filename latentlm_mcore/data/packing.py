@@ -1,7 +1,7 @@
 """Pack documents into fixed-length sequences of text ids and latent vectors.
 
 A document (one MDS sample) is a run of ids in which each image appears as
-`<BOD>`, num_latents x `<LATENT>`, `<EOD>`, with its latents (already scaled) alongside, and
+`<BOD>`, num_latents x `<LATENT>`, `<EOD>`, with its latents (as the model sees them) alongside, and
 `<END_OF_DOCUMENT>` last. Documents are laid end to end. Text may continue in the next sequence; an
 image run never does: if it does not fit in what is left of a sequence, the rest is padded and the run
 opens the next one. A document with an image run longer than the sequence cannot be packed and is
@@ -59,7 +59,8 @@ class PackableDocument:
     source: str
     tokens: np.ndarray  # int32 [n]
     latents: np.ndarray  # float32 [m, d], one row per <LATENT> in tokens, in order
-    start: int = 0  # offset where packing begins (a document half packed before a resume at another DP size)
+    start: int = 0  # offset where packing begins
+    scaled: bool = True  # latents are as the model sees them (False: stored μ, to be sampled and scaled)
     run_start: np.ndarray = field(init=False)  # int64 [n]: index of the <BOD> for positions inside an image run, else -1
     latent_before: np.ndarray = field(init=False)  # int64 [n+1]: number of latents before position j
 
@@ -76,11 +77,44 @@ class PackableDocument:
             raise ValueError(f"document {self.index}: {self.latent_before[-1]} <LATENT> ids but "
                              f"{len(self.latents)} latents")
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
     def longest_run(self) -> int:
         if not np.any(self.run_start >= 0):
             return 0
         starts, counts = np.unique(self.run_start[self.run_start >= 0], return_counts=True)
         return int(counts.max())
+
+
+@dataclass
+class DocumentShape:
+    """What the layout of sequences needs of a document: its length and image runs (no ids, no latents)."""
+    index: int
+    source: str
+    length: int
+    runs: np.ndarray  # int [r, 2]: (<BOD> position, <EOD> position) of each image run
+    start: int = 0
+
+    @property
+    def run_start(self) -> np.ndarray:
+        if self._run_start is None:
+            self._run_start = np.full(self.length, -1, np.int64)
+            for b, e in self.runs:
+                self._run_start[b:e + 1] = b
+        return self._run_start
+
+    def longest_run(self) -> int:
+        return int((self.runs[:, 1] - self.runs[:, 0]).max()) + 1 if len(self.runs) else 0
+
+    def __post_init__(self):
+        self._run_start = None
+
+
+def image_runs(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
+    """(<BOD>, <EOD>) positions of each image run of a document's ids, int32 [r, 2]."""
+    return np.stack([np.flatnonzero(tokens == ids.bod), np.flatnonzero(tokens == ids.eod)], 1).astype(np.int32)
 
 
 @dataclass
@@ -90,19 +124,19 @@ class PackedSequence:
     skipped: list  # (document index, reason) of documents dropped while filling this sequence
 
 
-def pack_documents(next_document, seq_length: int, latent_dim: int, ids: SpecialIds, seed: int,
-                   position: tuple[int, int, PackableDocument | None]):
-    """Fill one sequence of `seq_length` from `next_document()` (which returns the next PackableDocument).
+def layout_sequence(next_document, seq_length: int, position: tuple[int, int, PackableDocument | None]):
+    """Decide which document slices fill one sequence of `seq_length`, reading `next_document(pos)` (the
+    PackableDocument or DocumentShape at queue position pos) as needed; only lengths and image runs are
+    looked at, so the layout of a sequence some other rank builds costs little.
 
     `position` = (queue position, token offset, current document or None) says where the previous
-    sequence stopped; returns (PackedSequence, new position). Deterministic in its inputs, which is
-    what makes resuming exact: a resumed loader re-reads the document at the saved queue position and
-    continues from the saved offset."""
+    sequence stopped; returns (pieces, skipped, documents, new position): pieces (document index, start,
+    end), skipped (document index, reason), documents {index: PackableDocument} of the pieces.
+    Deterministic in its inputs, which is what makes resuming exact: a resumed loader re-reads the
+    document at the saved queue position and continues from the saved offset."""
     queue_pos, offset, doc = position
     s = seq_length
-    tokens = np.full(s, ids.pad, np.int64)
-    latents = np.zeros((s, latent_dim), np.float32)
-    pieces, skipped = [], []
+    pieces, skipped, documents = [], [], {}
     fill = 0
     while fill < s:
         if doc is None:
@@ -112,22 +146,36 @@ def pack_documents(next_document, seq_length: int, latent_dim: int, ids: Special
                 queue_pos, offset, doc = queue_pos + 1, 0, None
                 continue
             offset = max(offset, doc.start)
-        n = len(doc.tokens)
+        n = doc.length
         end = min(n, offset + s - fill)
         if end < n and doc.run_start[end] >= 0 and doc.run_start[end] < end:
             end = int(doc.run_start[end])  # would cut an image run: stop before its <BOD>
         if end == offset:
             break  # the next image run does not fit: pad; it opens the next sequence
+        pieces.append((doc.index, offset, end))
+        documents[doc.index] = doc
+        fill += end - offset
+        offset = end
+        if offset == n:
+            queue_pos, offset, doc = queue_pos + 1, 0, None
+    return pieces, skipped, documents, (queue_pos, offset, doc)
+
+
+def build_sequence(pieces, documents: dict, seq_length: int, latent_dim: int, ids: SpecialIds, seed: int,
+                   skipped=()) -> PackedSequence:
+    """The contract fields of one sequence laid out by `layout_sequence` (documents' latents as given)."""
+    s = seq_length
+    tokens = np.full(s, ids.pad, np.int64)
+    latents = np.zeros((s, latent_dim), np.float32)
+    fill = 0
+    for g, offset, end in pieces:
+        doc = documents[g]
         k = end - offset
         tokens[fill:fill + k] = doc.tokens[offset:end]
         la, lb = doc.latent_before[offset], doc.latent_before[end]
         if lb > la:
             latents[fill:fill + k][doc.tokens[offset:end] == ids.latent] = doc.latents[la:lb]
-        pieces.append((doc.index, offset, end))
         fill += k
-        offset = end
-        if offset == n:
-            queue_pos, offset, doc = queue_pos + 1, 0, None
 
     latent_mask = tokens == ids.latent
     labels = np.empty_like(tokens)
@@ -143,7 +191,14 @@ def pack_documents(next_document, seq_length: int, latent_dim: int, ids: Special
     fields = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "latent_mask": latent_mask,
               "latents": latents, "diffusion_mask": diffusion_mask, "diffusion_targets": diffusion_targets,
               "position_ids": np.arange(s, dtype=np.int64), "noise_seed": np.int64(noise_seed)}
-    return PackedSequence(fields, pieces, skipped), (queue_pos, offset, doc)
+    return PackedSequence(fields, list(pieces), list(skipped))
+
+
+def pack_documents(next_document, seq_length: int, latent_dim: int, ids: SpecialIds, seed: int,
+                   position: tuple[int, int, PackableDocument | None]):
+    """Fill one sequence: `layout_sequence` then `build_sequence`. Returns (PackedSequence, new position)."""
+    pieces, skipped, documents, position = layout_sequence(next_document, seq_length, position)
+    return build_sequence(pieces, documents, seq_length, latent_dim, ids, seed, skipped), position
 
 
 def collate(sequences: list[PackedSequence]) -> dict[str, torch.Tensor]:

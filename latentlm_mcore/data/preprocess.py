@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from latentlm_mcore.data import schema
+from latentlm_mcore.data.packing import SpecialIds, image_runs
 from latentlm_mcore.data.schema import RejectedDocument
 from latentlm_mcore.data.streaming_compat import import_streaming
 from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file
@@ -168,10 +169,13 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = load_sigma_vae(cfg.vae_checkpoint).to(device).eval()
+    tokenizer_ids = SpecialIds(bod=tokenizer.bod_id, eod=tokenizer.eod_id, latent=tokenizer.latent_id,
+                               end_of_document=tokenizer.end_of_document_id, pad=-1)
     vcfg = vae.config
     moments = _LatentMoments(vcfg.latent_dim)
     writers: dict[str, object] = {}
-    written, tokens_written, rejected = Counter(), Counter(), Counter()
+    shapes: dict[str, tuple[list, list]] = {}  # source -> (lengths, image runs) of its documents, in order
+    written, tokens_written, latents_written, rejected = Counter(), Counter(), Counter(), Counter()
     images_written = images_read = 0
     pending: list[tuple[schema.RawDocument, np.ndarray, list[np.ndarray]]] = []
 
@@ -197,9 +201,13 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
             at += len(ims)
             writer_for(doc.source).write({"tokens": tokens, "latents": schema.encode_latents(doc_latents), "doc_id": doc.id,
                                           "source": doc.source})
+            lengths, runs = shapes.setdefault(doc.source, ([], []))
+            lengths.append(len(tokens))
+            runs.append(image_runs(tokens, tokenizer_ids))
             written[doc.source] += 1
             images_written += len(ims)
             tokens_written[doc.source] += len(tokens)
+            latents_written[doc.source] += len(doc_latents)
         pending.clear()
 
     def prepare(item):
@@ -240,6 +248,9 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     bar.close()
     for source, writer in writers.items():
         writer.finish()
+        lengths, runs = shapes[source]
+        write_layout(os.path.join(cfg.output, source, name + ".tmp"), lengths, [len(r) for r in runs],
+                     np.concatenate(runs) if runs else np.zeros((0, 2), np.int32))
         os.replace(os.path.join(cfg.output, source, name + ".tmp"), os.path.join(cfg.output, source, name))
     os.replace(rejects_path + ".tmp", rejects_path)
 
@@ -249,14 +260,15 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
         "tokenizer": tokenizer.describe(),
         "vae": {"path": os.path.abspath(cfg.vae_checkpoint), "sha256": sha256_file(cfg.vae_checkpoint),
                 "image_size": vcfg.image_size,
-                "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents},
+                "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents,
+                "c_sigma": vcfg.c_sigma},  # the loader draws z = μ + σ·ε with it
         "latent_dim": vcfg.latent_dim,
         "tokens_per_image": vcfg.num_latents,
-        "vae_latent_stats": None if stats is None else {"mean": np.asarray(stats.mean).tolist(),
-                                                        "std": np.asarray(stats.std).tolist()},
+        "vae_latent_stats": None if stats is None else stats.to_dict(),
         "latent_moments": moments.to_dict(),
         "documents_written": dict(written),
         "tokens_written": dict(tokens_written),
+        "latent_tokens_written": dict(latents_written),
         "images_written": images_written,
         "documents_rejected": dict(rejected),
         "seconds": time.perf_counter() - start,
@@ -265,10 +277,38 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
     return manifest
 
 
+# ------------------------------------------------------------------------------------ layout index
+
+LAYOUT_FILES = ("layout_lengths.npy", "layout_run_counts.npy", "layout_runs.npy")
+
+
+def write_layout(folder: str, lengths, run_counts, runs) -> None:
+    """Each document's length and image runs, in sample order, beside its MDS shards: what laying out the
+    global stream of sequences needs, readable without decoding a shard (Megatron's `.idx` sizes, in spirit)."""
+    arrays = (np.asarray(lengths, np.int32), np.asarray(run_counts, np.int32),
+              np.asarray(runs, np.int32).reshape(-1, 2))
+    for fname, array in zip(LAYOUT_FILES, arrays):
+        tmp = os.path.join(folder, fname + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, os.path.join(folder, fname))
+
+
+def read_layout(folder: str, mmap: bool = True):
+    """(lengths, run offsets [n + 1], runs [r, 2]) written by `write_layout`, or None if absent."""
+    if not all(os.path.exists(os.path.join(folder, f)) for f in LAYOUT_FILES):
+        return None
+    lengths, counts, runs = (np.load(os.path.join(folder, f), mmap_mode="r" if mmap else None) for f in LAYOUT_FILES)
+    return lengths, np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]), runs
+
+
 # ---------------------------------------------------------------------------------------------- merge
 
-def merge_parts(output: str, num_shards: int) -> dict:
+def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> dict:
     """Join finished parts: one streaming `index.json` per source and the dataset manifest.
+
+    Latent statistics come from the σ-VAE file; a σ-VAE without them gets statistics of its samples
+    over this dataset (`normalisation`: see vae/stats.py).
 
     Raises if a part is missing or parts disagree on tokenizer / σ-VAE (they would not mix)."""
     parts = []
@@ -290,11 +330,12 @@ def merge_parts(output: str, num_shards: int) -> dict:
 
     sources = {}
     for source in schema.SOURCES:
-        shards = []
+        shards, layouts = [], []
         for p in parts:
             index_path = os.path.join(output, source, p["part"], "index.json")
             if not os.path.exists(index_path):
                 continue
+            layouts.append(read_layout(os.path.join(output, source, p["part"]), mmap=False))
             with open(index_path) as f:
                 for shard in json.load(f)["shards"]:
                     for key in ("raw_data", "zip_data"):
@@ -303,17 +344,22 @@ def merge_parts(output: str, num_shards: int) -> dict:
                     shards.append(shard)
         if shards:
             schema.write_json_atomic(os.path.join(output, source, "index.json"), {"version": 2, "shards": shards})
+            if all(layout is not None for layout in layouts):  # parts written before the index have none
+                write_layout(os.path.join(output, source), np.concatenate([lay[0] for lay in layouts]),
+                             np.concatenate([np.diff(lay[1]) for lay in layouts]),
+                             np.concatenate([lay[2] for lay in layouts]))
             sources[source] = sum(p["documents_written"].get(source, 0) for p in parts)
 
     count = sum(p["latent_moments"]["count"] for p in parts)
     if first["vae_latent_stats"] is not None:
         latent_stats = dict(first["vae_latent_stats"], **{"from": "vae_checkpoint"})
     elif count:
+        from latentlm_mcore.vae.stats import stats_from_moments
+
         s = np.sum([p["latent_moments"]["sum"] for p in parts], axis=0)
         ss = np.sum([p["latent_moments"]["sumsq"] for p in parts], axis=0)
-        mean = s / count
-        latent_stats = {"mean": mean.tolist(), "std": np.sqrt(np.maximum(ss / count - mean ** 2, 1e-12)).tolist(),
-                        "from": "computed_over_dataset"}
+        stats = stats_from_moments(count, s, ss, first["vae"]["c_sigma"], normalisation)
+        latent_stats = dict(stats.to_dict(), **{"from": "computed_over_dataset"})
     else:
         latent_stats = None  # text only: nothing to scale
 
@@ -332,6 +378,7 @@ def merge_parts(output: str, num_shards: int) -> dict:
         "sources": sources,
         "documents_written": total("documents_written"),
         "tokens_written": total("tokens_written"),
+        "latent_tokens_written": total("latent_tokens_written"),
         "images_written": sum(p["images_written"] for p in parts),
         "documents_rejected": total("documents_rejected"),
         "num_parts": num_shards,

@@ -16,6 +16,8 @@ Pre-encoded MDS sample (one document), see `MDS_COLUMNS`:
 Output folder of preprocessing:
     <out>/<source>/part-XXXXX-of-YYYYY/   MDS shards of one Slurm array task, one folder per source
     <out>/<source>/index.json            written by the merge step: one streaming dataset per source
+    <out>/<source>/layout_{lengths,run_counts,runs}.npy  merge step: each document's length and image runs,
+                                         in sample order (the loader lays out sequences from them)
     <out>/parts/part-XXXXX-of-YYYYY.json  a finished task's manifest (its presence = the part is done)
     <out>/parts/part-XXXXX-of-YYYYY.rejects.jsonl  one line per skipped document: id, reason, detail
     <out>/manifest.json                  merged manifest (see `merge_manifests`)

@@ -54,3 +54,14 @@ def plan_run(cfg: LatentLMConfig, tokens: float, nodes: int, gpus_per_node: int,
     return RunPlan(cfg.name, tokens, steps, cfg.train.global_batch_size, tokens_per_step, gpus,
                    cfg.train.global_batch_size / gpus, flops_per_token, total, sustained, wall_s / 3600,
                    wall_s * gpus / 3600)
+
+
+def mixture_latent_fraction(dataset_roots: str | list[str], proportions: dict, unit: str = "tokens") -> float:
+    """The share of tokens that are latents in the mixture the loader draws from these preprocessed
+    datasets (their manifests' per-source token and latent counts, the loader's `document_weights`)."""
+    from latentlm_mcore.data import schema
+    from latentlm_mcore.data.mixture import document_weights, expected_latent_fraction, source_statistics
+
+    roots = [dataset_roots] if isinstance(dataset_roots, str) else list(dataset_roots)
+    statistics = source_statistics([schema.read_manifest(r) for r in roots])
+    return expected_latent_fraction(document_weights(proportions, statistics, unit), statistics)

@@ -101,17 +101,6 @@ def build_scheduler(optimizer, cfg: LatentLMConfig) -> OptimizerParamScheduler:
         wd_incr_steps=t.train_steps, wd_incr_style="constant")
 
 
-def parse_proportions(text: str) -> dict:
-    out = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        name, _, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"proportions: {item!r} is not name=number") from None
-    return out
-
-
 class DataStream:
     """Micro-batches for this rank: the packed loader of its DP rank, or seeded random batches."""
 
@@ -122,10 +111,11 @@ class DataStream:
         self.loader = None
         self.random_batches_served = 0
         if root is not None:
-            from latentlm_mcore.data.mixture import LoaderConfig, MixtureConfig, PackedLoader, StreamMixture
+            from latentlm_mcore.data.mixture import (LoaderConfig, MixtureConfig, PackedLoader, StreamMixture,
+                                                     parse_proportions)
 
             cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
-            mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache,
+            mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache, unit=run.mixture_unit,
                                                   proportions=parse_proportions(run.proportions), seed=seed))
             if mixture.latent_dim != cfg.model.latent_dim:
                 raise ValueError(f"{root}: latents have dim {mixture.latent_dim}, the model expects "
@@ -136,7 +126,8 @@ class DataStream:
                                  f"the model has {cfg.model.vocab_size} (model.vocab_size)")
             self.loader = PackedLoader(mixture, LoaderConfig(
                 seq_length=cfg.model.seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
-                dp_world_size=dp_size, condition_dropout=run.condition_dropout, num_workers=run.num_workers))
+                dp_world_size=dp_size, condition_dropout=run.condition_dropout, num_workers=run.num_workers,
+                image_first_share=run.image_first_share, sample_latents=run.sample_latents))
 
     def __iter__(self):
         if self.loader is not None:
@@ -259,6 +250,8 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
                     "grad_norm": result["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
                     "tokens_per_s": tokens_per_step * window_steps / elapsed, "tflops_per_device": tflops_per_device,
                     "mfu": tflops_per_device / peak if peak else None, "consumed_tokens": consumed_tokens}
+            if data.loader is not None:  # the global stream's, so the same on every rank
+                last.update({f"token share {s}": v for s, v in data.loader.token_share().items()})
             if logger is not None:
                 logger.log(iteration, last)
             window_t, window_steps, window_latents = time.time(), 0, 0

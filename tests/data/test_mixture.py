@@ -40,17 +40,18 @@ def test_round_trip_raw_to_packed(dataset, raw_documents, image_root, vae_checkp
     manifest = read_manifest(dataset)
     assert manifest["documents_written"] == NATURAL and manifest["documents_rejected"] == {}
     assert manifest["latent_stats"]["from"] == "computed_over_dataset"
-    mix = mixture(dataset, cache_dir, "rt", proportions=dict(NATURAL))
+    mix = mixture(dataset, cache_dir, "rt", proportions=dict(NATURAL), unit="documents")
     assert mix.epoch_size == 120
-    loader = PackedLoader(mix, LoaderConfig(seq_length=256, micro_batch_size=1, condition_dropout=0.0))
+    loader = PackedLoader(mix, LoaderConfig(seq_length=256, micro_batch_size=1, condition_dropout=0.0,
+                                            image_first_share=0.0, sample_latents=False))
     pieces = {}
-    for seq, _ in loader.sequences():
-        for g, a, b in seq.pieces:
-            pieces.setdefault(g, [])
+    for block in loader.blocks():
+        seq = block.own[0]
         at = 0
         for g, a, b in seq.pieces:
             sl = slice(at, at + b - a)
-            pieces[g].append((a, b, seq.fields["tokens"][sl], seq.fields["latents"][sl][seq.fields["latent_mask"][sl]]))
+            pieces.setdefault(g, []).append((a, b, seq.fields["tokens"][sl],
+                                             seq.fields["latents"][sl][seq.fields["latent_mask"][sl]]))
             at += b - a
         if min(pieces) == 0 and max(pieces) >= mix.epoch_size:
             break
@@ -100,38 +101,81 @@ def test_resume_same_layout_and_tp_peers(dataset, cache_dir):
         assert_same(full[r], first[r] + batches(resumed, 3))
 
 
-def test_resume_at_other_dp_sizes_repeats_and_skips_nothing(dataset, cache_dir):
-    """DP=2 -> DP=1 (the issue's case), then DP=1 -> DP=3 -> DP=1, each rank stopping after its own number of
-    sequences (ranks stop mid-document, unevenly). Every document up to the last one reached must arrive
-    whole, exactly once."""
-    cfg = dict(seq_length=80, micro_batch_size=1, condition_dropout=0.5)
-    layouts = [(2, [4, 7]), (1, [5]), (3, [3, 6, 2]), (1, [12])]
-    states, pieces, stopped_mid_document = None, [], False
-    for step, (world, stops) in enumerate(layouts):
-        new_states = []
-        for r, n in enumerate(stops):
-            loader = PackedLoader(mixture(dataset, cache_dir, f"l{step}r{r}"),
-                                  LoaderConfig(dp_rank=r, dp_world_size=world, **cfg))
+def sequences_of(batch):
+    return [{name: batch[name][i] for name in BATCH_FIELDS if name != "noise_seed"} | {"noise_seed": batch["noise_seed"][i]}
+            for i in range(len(batch["tokens"]))]
+
+
+def assert_same_sequences(a, b):
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        for name in BATCH_FIELDS:
+            assert torch.equal(x[name], y[name]), f"sequence {i}: {name}"
+
+
+def test_global_stream_is_one_sequence_order_under_any_dp_layout_and_resume(dataset, cache_dir):
+    """Issue 15 item 4: the sequences of step t are [t·B, (t+1)·B) of one global stream, whatever the DP size
+    and micro-batch; a run stopped at DP=2 and resumed at DP=1, then at DP=3, consumes exactly the
+    uninterrupted stream (every document whole, exactly once)."""
+    cfg = dict(seq_length=80, condition_dropout=0.5)
+    reference = [s for b in batches(PackedLoader(mixture(dataset, cache_dir, "ref"),
+                                                 LoaderConfig(micro_batch_size=1, **cfg)), 36) for s in sequences_of(b)]
+
+    def rank_batches(tag, world, mbs, n, states=None):
+        out, new_states = [], []
+        for r in range(world):
+            loader = PackedLoader(mixture(dataset, cache_dir, f"{tag}{r}"),
+                                  LoaderConfig(micro_batch_size=mbs, dp_rank=r, dp_world_size=world, **cfg))
             if states is not None:
                 loader.load_state_dict(states)
-            sequences = loader.sequences()
-            for _ in range(n):
-                seq, (loader._consumed, loader._offset) = next(sequences)  # as __iter__ does per batch
-                pieces.append(seq.pieces)
-            new_states.append(json.loads(json.dumps(loader.state_dict())))  # as a checkpoint stores it
-            stopped_mid_document |= new_states[-1]["offset"] > 0
-        states = new_states
-    assert stopped_mid_document
+            out.append(batches(loader, n))
+            new_states.append(json.loads(json.dumps(loader.state_dict())))  # as a checkpoint stores them
+        # step k's global batch: rank 0's micro-batch k, then rank 1's, ... (Megatron's global sample order)
+        return [s for k in range(n) for r in range(world) for s in sequences_of(out[r][k])], new_states
 
+    got, states = rank_batches("dp2-", world=2, mbs=2, n=3)  # 12 sequences
+    assert_same_sequences(got, reference[:12])
+    assert states[0]["offset"] > 0 or states[0]["sequence"] == 12
+    more, states = rank_batches("dp1-", world=1, mbs=3, n=4, states=states)  # 12 more
+    assert_same_sequences(more, reference[12:24])
+    rest, _ = rank_batches("dp3-", world=3, mbs=1, n=4, states=states)  # 12 more
+    assert_same_sequences(rest, reference[24:36])
+    with pytest.raises(ValueError, match="not a multiple of micro-batch 5"):
+        PackedLoader(mixture(dataset, cache_dir, "odd"), LoaderConfig(micro_batch_size=5, **cfg)).load_state_dict(states)
+
+    # sample-id accounting over the whole stream: every document up to the last one reached arrives whole, once
+    loader = PackedLoader(mixture(dataset, cache_dir, "acct"), LoaderConfig(micro_batch_size=1, **cfg))
+    blocks = loader.blocks()
+    layouts = [next(blocks).layouts[0] for _ in range(36)]
     reader = DocumentReader(mixture(dataset, cache_dir, "reader"), cfg["condition_dropout"])
-    cover = covered(pieces)
-    last = max(g for seq_pieces in pieces[-12:] for g, _, _ in seq_pieces)
+    cover = covered(layouts)
+    last = max(g for pieces in layouts for g, _, _ in pieces)
     for g in range(last):
         spans = sorted(cover.get(g, []))
         assert spans, f"document {g} skipped"
         assert spans[0][0] == 0 and spans[-1][1] == len(reader[g].tokens), f"document {g} not whole: {spans}"
         assert all(p[1] == q[0] for p, q in zip(spans, spans[1:])), f"document {g} repeated or gapped: {spans}"
-    assert all(g <= last for g in cover)
+    assert any(len(spans) > 1 for spans in cover.values()), "some documents span two sequences"
+
+
+def test_layout_index_gives_the_documents_shapes_without_reading_them(dataset, cache_dir):
+    """Every rank lays out the whole global stream; it does so from preprocessing's layout index (lengths and
+    image runs), which must agree with the documents as the reader delivers them (pair direction and caption
+    dropout included), and give the same batches as laying out from the documents themselves."""
+    from latentlm_mcore.data.packing import image_runs
+
+    mix = mixture(dataset, cache_dir, "shape")
+    assert all(mix.layouts[s] is not None for s in mix.sources)
+    reader = DocumentReader(mix, condition_dropout=0.5)
+    for g in range(2 * mix.epoch_size):
+        shape, doc = reader.shape(g), reader[g]
+        assert (shape.source, shape.length) == (doc.source, doc.length), g
+        assert np.array_equal(shape.runs, image_runs(doc.tokens, mix.ids)), g
+    cfg = LoaderConfig(seq_length=64, micro_batch_size=2, dp_rank=1, dp_world_size=2, condition_dropout=0.5)
+    indexed = batches(PackedLoader(mix, cfg), 8)
+    no_index = mixture(dataset, cache_dir, "no-index")
+    no_index.layouts = {s: None for s in no_index.sources}  # a dataset preprocessed before the index
+    assert_same(indexed, batches(PackedLoader(no_index, cfg), 8))
 
 
 def covered(pieces_by_seq):
@@ -142,25 +186,38 @@ def covered(pieces_by_seq):
     return cover
 
 
-def test_mixture_is_2_1_1(dataset, cache_dir):
-    mix = mixture(dataset, cache_dir, "mix")  # default proportions; data is 40 : 50 : 30
-    n = mix.epoch_size
-    sources = np.array([mix.source_of(mix.sample_id(g)) for g in range(3 * n)])
+def test_mixture_ratio_is_a_token_share_by_default(dataset, cache_dir):
+    """Issue 11 item 6: 2:1:1 of tokens by default (pairs are short: 2:1:1 of documents gives them far less
+    than a quarter of the tokens); the loader logs the realised share; documents stay an option."""
+    target = {"text": 0.5, "pair": 0.25, "interleaved": 0.25}
+    by_docs = mixture(dataset, cache_dir, "docs", unit="documents")
+    n = by_docs.epoch_size
+    sources = np.array([by_docs.source_of(by_docs.sample_id(g)) for g in range(3 * n)])
     for e in range(3):
         epoch = sources[e * n:(e + 1) * n]
         counts = {s: int(np.sum(epoch == s)) for s in ("text", "pair", "interleaved")}
         assert counts == {"text": n // 2, "pair": n // 4, "interleaved": n // 4}, counts
-    # Any window is a random draw from that epoch: within 4 sigma of the target share.
-    window = sources[:48]
-    for s, p in (("text", 0.5), ("pair", 0.25), ("interleaved", 0.25)):
-        k = np.sum(window == s)
-        assert abs(k - p * 48) <= 4 * np.sqrt(48 * p * (1 - p)), (s, k)
-    assert not np.array_equal(mix.epoch_order(0), mix.epoch_order(1)), "each epoch is reshuffled"
+    assert not np.array_equal(by_docs.epoch_order(0), by_docs.epoch_order(1)), "each epoch is reshuffled"
+
+    shares = {}
+    for unit in ("tokens", "documents"):
+        loader = PackedLoader(mixture(dataset, cache_dir, f"share-{unit}", unit=unit),
+                              LoaderConfig(seq_length=128, micro_batch_size=4, condition_dropout=0.0))
+        batches(loader, 40)  # ~3 epochs of documents
+        shares[unit] = loader.token_share()
+        assert sum(shares[unit].values()) == pytest.approx(1.0)
+    print(f"\nrealised token shares: {shares}")
+    for s, p in target.items():
+        assert abs(shares["tokens"][s] - p) < 0.05, (s, shares["tokens"])
+    assert shares["documents"]["pair"] < 0.2, "counting documents starves the short pairs of tokens"
+    tokens_mix = mixture(dataset, cache_dir, "w", unit="tokens")
+    from latentlm_mcore.data.mixture import expected_token_shares
+    assert expected_token_shares(tokens_mix.weights, tokens_mix.statistics) == pytest.approx(target)
 
 
-def test_condition_dropout_drops_only_pair_captions(dataset, cache_dir):
-    mix = mixture(dataset, cache_dir, "cfg", proportions=dict(NATURAL))
-    reader, keep_all = DocumentReader(mix, 0.5), DocumentReader(mix, 0.0)
+def test_condition_dropout_drops_only_caption_first_pair_captions(dataset, cache_dir):
+    mix = mixture(dataset, cache_dir, "cfg", proportions=dict(NATURAL), unit="documents")
+    reader, keep_all = DocumentReader(mix, 0.5, image_first_share=0.0), DocumentReader(mix, 0.0, image_first_share=0.0)
     ids = mix.ids
     dropped = pairs = 0
     for g in range(mix.epoch_size):
@@ -175,6 +232,69 @@ def test_condition_dropout_drops_only_pair_captions(dataset, cache_dir):
             assert np.array_equal(a.latents, b.latents)
         assert np.array_equal(a.tokens, reader[g].tokens), "dropout is a function of the document index"
     assert pairs == 50 and 10 <= dropped <= 40
+
+
+def test_pairs_are_emitted_both_ways(dataset, cache_dir):
+    """Issue 11 item 7: half the pairs (configurable) come image -> caption, deterministically per document."""
+    assert LoaderConfig(seq_length=8, micro_batch_size=1).image_first_share == 0.5
+    mix = mixture(dataset, cache_dir, "dir", proportions=dict(NATURAL), unit="documents")
+    ids = mix.ids
+    caption_first = DocumentReader(mix, 0.0, image_first_share=0.0)
+    both, again = DocumentReader(mix, 0.0), DocumentReader(mix, 0.0)
+    image_first = 0
+    for g in range(mix.epoch_size):
+        a, b = both[g], caption_first[g]
+        assert np.array_equal(a.tokens, again[g].tokens), "the direction is a function of the document"
+        if a.source != "pair":
+            assert np.array_equal(a.tokens, b.tokens)
+            continue
+        assert b.tokens[0] != ids.bod, "caption -> image starts with the caption"
+        if a.tokens[0] == ids.bod:
+            image_first += 1
+            run = len(b.tokens) - 1 - int(np.flatnonzero(b.tokens == ids.bod)[0])
+            caption = b.tokens[:-1 - run]
+            assert np.array_equal(a.tokens, np.concatenate([b.tokens[len(caption):-1], caption, [ids.end_of_document]]))
+        else:
+            assert np.array_equal(a.tokens, b.tokens)
+        assert np.array_equal(a.latents, b.latents)
+    assert 15 <= image_first <= 35, image_first  # 50 pairs, share 0.5
+    assert all(DocumentReader(mix, 0.0, image_first_share=1.0)[g].tokens[0] == ids.bod
+               for g in range(mix.epoch_size) if mix.source_of(mix.sample_id(g)) == "pair")
+    # a pair stored image-first (like the demo corpus's image -> caption documents) is turned round too
+    from latentlm_mcore.data.mixture import _orient_pair
+    stored = np.array([ids.bod, ids.latent, ids.latent, ids.eod, 7, 8, ids.end_of_document], np.int32)
+    assert _orient_pair(stored, ids, image_first=False).tolist() == [7, 8, ids.bod, ids.latent, ids.latent, ids.eod,
+                                                                     ids.end_of_document]
+    assert np.array_equal(_orient_pair(stored, ids, image_first=True), stored)
+
+
+def test_the_lm_sees_sigma_vae_samples_drawn_per_document(dataset, vae_checkpoint, cache_dir):
+    """Issue 11 item 2: z = μ + σ·ε per image, from the document's seed: the same z as input and as diffusion
+    target, the same in every layout (test above) and on every read; C_σ comes from the σ-VAE file."""
+    from latentlm_mcore.vae import load_sigma_vae
+
+    c_sigma = load_sigma_vae(vae_checkpoint).config.c_sigma
+    assert read_manifest(dataset)["vae"]["c_sigma"] == c_sigma > 0
+    cfg = dict(seq_length=256, micro_batch_size=1, condition_dropout=0.0)
+    mix = mixture(dataset, cache_dir, "z", proportions=dict(NATURAL), unit="documents")
+    sampled = batches(PackedLoader(mix, LoaderConfig(**cfg)), 30)
+    assert_same(sampled, batches(PackedLoader(mixture(dataset, cache_dir, "z2", proportions=dict(NATURAL),
+                                                      unit="documents"), LoaderConfig(**cfg)), 30))
+    means = batches(PackedLoader(mixture(dataset, cache_dir, "mu", proportions=dict(NATURAL), unit="documents"),
+                                 LoaderConfig(sample_latents=False, **cfg)), 30)
+    std = float(mix.latent_std[0])
+    sigmas = []
+    for z, mu in zip(sampled, means):
+        assert torch.equal(z["latent_mask"], mu["latent_mask"]) and torch.equal(z["tokens"], mu["tokens"])
+        mask = z["diffusion_mask"][0].bool()
+        assert torch.equal(z["diffusion_targets"][0][mask], z["latents"][0][1:][mask[:-1]]), "target = input z"
+        noise = (z["latents"][0] - mu["latents"][0])[z["latent_mask"][0]] * std  # σ·ε in μ units
+        for image in noise.reshape(-1, mix.tokens_per_image, mix.latent_dim):
+            sigmas.append(float(image.std()))
+    assert len(sigmas) > 30
+    # |σ| = |n|·C_σ/0.8 with n ~ N(0, 1): mean 0.9974·C_σ
+    assert np.mean(sigmas) == pytest.approx(0.9974 * c_sigma, rel=0.25), np.mean(sigmas)
+    assert np.std(sigmas) > 0.2 * c_sigma, "σ varies per image"
 
 
 def test_worker_processes_give_the_same_batches(dataset, cache_dir, tmp_path, monkeypatch):

@@ -52,3 +52,41 @@ def test_plan_run_lists_fitting_layouts_and_prints_pretrain_arguments(capsys):
     first = rows[0].split()
     cfg = apply_overrides(get_preset("tiny"), {f"parallel.{k}": v for k, v in config_overrides(args, "parallel.").items()})
     assert (cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel) == (int(first[0]), int(first[1]))
+
+
+def test_plan_and_loader_agree_on_the_mixture(tiny_dataset, tmp_path, monkeypatch, capsys):
+    """Issue 11 item 6: tools/plan_run.py --data takes the latent fraction from the manifests with the
+    loader's own weights; the fraction of latents the loader then delivers matches it."""
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from latentlm_mcore.data.mixture import LoaderConfig, MixtureConfig, PackedLoader, StreamMixture
+    from latentlm_mcore.training.plan import mixture_latent_fraction
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    proportions = {"text": 2.0, "pair": 1.0, "interleaved": 1.0}
+    planned = {unit: mixture_latent_fraction(str(tiny_dataset), proportions, unit) for unit in ("tokens", "documents")}
+    assert planned["tokens"] > planned["documents"] + 0.05, planned  # token shares give the short pairs their due
+    mixture = StreamMixture(MixtureConfig(dataset_root=str(tiny_dataset), proportions=proportions))
+    loader = iter(PackedLoader(mixture, LoaderConfig(seq_length=128, micro_batch_size=4)))
+    latents = tokens = 0
+    for _ in range(60):
+        batch = next(loader)
+        latents += int(batch["latent_mask"].sum())
+        tokens += int((batch["tokens"] != mixture.ids.pad).sum())
+    assert latents / tokens == pytest.approx(planned["tokens"], abs=0.04), (latents / tokens, planned)
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+    import plan_run as plan_run_tool
+
+    capsys.readouterr()
+    plan_run_tool.main(["--preset", "tiny", "--data", str(tiny_dataset), "--json"])
+    by_data = json.loads(capsys.readouterr().out)
+    plan_run_tool.main(["--preset", "tiny", "--latent-fraction", str(planned["tokens"]), "--json"])
+    assert by_data == json.loads(capsys.readouterr().out)
+    assert np.isfinite(by_data["flops_per_token"])
