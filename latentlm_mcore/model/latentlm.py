@@ -42,7 +42,10 @@ def init_device(config: TransformerConfig) -> torch.device:
     """Where megatron's layers allocate their weights under `config`: the CPU with
     `use_cpu_initialization`, else the current CUDA device. The parameters outside megatron layers
     (latent projection, diffusion head) are created there too, so the TP broadcast of them runs on the
-    device of the group's backend and the whole model sits on one device from the start."""
+    device of the group's backend and the whole model sits on one device from the start. A build under
+    `torch.device("meta")` (the memory planner, `training/memory.py`) stays on meta."""
+    if torch.get_default_device().type == "meta":
+        return torch.device("meta")
     if config.use_cpu_initialization:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
