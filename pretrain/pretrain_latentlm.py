@@ -6,7 +6,8 @@
 Every field of the preset can be overridden: --model.<field>, --train.<field>, --parallel.<field>;
 run options (paths, intervals, numerics) are plain --<field>. Rank and world size come from torchrun
 or from Slurm (srun: SLURM_PROCID / SLURM_NTASKS, with MASTER_ADDR / MASTER_PORT set by the launcher).
-A run resumes from the latest checkpoint in --save automatically.
+A run resumes from the latest checkpoint in --save automatically; it refuses a --save that another live
+run holds (--lease-wait SECONDS waits for it), and every rank exits when its launcher dies.
 """
 import argparse
 import sys
@@ -16,10 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from latentlm_mcore.config import (ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig,  # noqa: E402
                                    add_config_arguments, apply_overrides, config_overrides, get_preset)
+from latentlm_mcore.runtime.lease import LeaseHeld  # noqa: E402
+from latentlm_mcore.runtime.watchdog import die_with_launcher  # noqa: E402
 from latentlm_mcore.training.trainer import pretrain  # noqa: E402
 
 
 def main(argv=None):
+    die_with_launcher()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     add_config_arguments(parser.add_argument_group("run"), RunConfig)
@@ -33,7 +37,11 @@ def main(argv=None):
     cfg = apply_overrides(get_preset(args.preset), overrides)
     run_fields = {f for f in RunConfig.__dataclass_fields__}
     run = apply_overrides(RunConfig(), {k: v for k, v in config_overrides(args).items() if k in run_fields})
-    summary = pretrain(cfg, run)
+    try:
+        summary = pretrain(cfg, run)
+    except LeaseHeld as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     return 0 if summary["stop_reason"] in ("finished", "exit_after") or summary["stop_reason"].startswith("signal") else 1
 
 

@@ -4,7 +4,9 @@
 Float16Module (BF16) -> megatron DDP -> distributed optimizer -> warmup + cosine scheduler -> data
 (one packed loader per data-parallel rank; TP/PP peers read the same documents) -> resume from the
 latest checkpoint -> steps with logging, evaluation, checkpoints, and a clean save-and-exit on
-SIGTERM / SIGUSR1 (Slurm preemption).
+SIGTERM / SIGUSR1 (Slurm preemption). One writer per run: rank 0 holds the lease on `--save`
+(runtime/lease.py) for the whole run, and no checkpoint is published by a rank whose launcher has died
+(runtime/watchdog.py, armed by the entry point) or whose lease was taken over.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from megatron.core.transformer.module import Float16Module
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
 from latentlm_mcore.model import build_model, transformer_config
+from latentlm_mcore.runtime.lease import DirectoryLease, LeaseHeld
+from latentlm_mcore.runtime.watchdog import check_launcher
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                 shield_checkpoint_writer_from_signals)
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
@@ -170,11 +174,48 @@ class CountingIterator:
         return batch
 
 
+def hold_save_directory(run: RunConfig) -> DirectoryLease | None:
+    """Rank 0 takes the lease on `run.save` (waiting up to run.lease_wait s); every rank learns the
+    outcome from one all-reduce, so all refuse together. Returns the lease on rank 0, None elsewhere."""
+    lease, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            lease = DirectoryLease(run.save, wait=run.lease_wait).acquire()
+        except LeaseHeld as e:
+            error = e
+    ok = torch.tensor([0.0 if error else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise LeaseHeld(f"{run.save}: rank 0 found the directory leased by another run (see its error)")
+    return lease
+
+
 def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
     summary: final iteration, why it stopped, the last logged metrics."""
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    try:
+        lease = hold_save_directory(run)
+    except LeaseHeld:
+        shutdown_distributed()
+        raise
+
+    def may_publish():
+        check_launcher()
+        if lease is not None:
+            lease.check()
+
+    try:
+        return _train(cfg, run, may_publish)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(cfg: LatentLMConfig, run: RunConfig, may_publish) -> dict:
     t, p = cfg.train, cfg.parallel
-    init_distributed(p, seed=t.seed)
     preempt = PreemptionFlag()
     rank0 = torch.distributed.get_rank() == 0
     dp = parallel_state.get_data_parallel_world_size()
@@ -215,7 +256,8 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
 
     def checkpoint():
         common = {"consumed_tokens": consumed_tokens, "data": data.state_dicts()}
-        save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last)
+        save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last,
+                        may_publish)
         if logger is not None:
             logger.plot()
 
