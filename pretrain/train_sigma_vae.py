@@ -6,7 +6,8 @@
 
 Every field of SigmaVAEConfig (model; overrides the preset) and TrainConfig is a --flag of the same name.
 A preset with a training recipe (`paper`: 200 epochs, perceptual + GAN losses) sets TrainConfig defaults too;
-an explicit --max-steps replaces the recipe's --epochs. Re-running with the same --out-dir resumes.
+an explicit --max-steps replaces the recipe's --epochs. Re-running with the same --out-dir resumes; a run
+refuses an --out-dir that another live run holds (--lease-wait SECONDS waits), and dies with its launcher.
 """
 
 import argparse
@@ -17,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentlm_mcore.runtime.watchdog import die_with_launcher  # noqa: E402
 from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
 from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402
@@ -53,6 +55,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    die_with_launcher()
     model_cfg, train_cfg = parse_args(argv)
     rank, _, _ = rank_and_world_from_env()  # under srun this also exports RANK etc.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

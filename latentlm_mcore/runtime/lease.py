@@ -109,8 +109,9 @@ class DirectoryLease:
                     continue
                 if time.monotonic() >= deadline:
                     raise LeaseHeld(f"{self.directory} is being written by {describe(holder)}; refusing to write "
-                                    f"into it too. Stop that run, or wait for it (--lease-wait SECONDS); if it is "
-                                    f"gone, its lease goes stale {STALE_SECONDS:.0f} s after its last heartbeat.")
+                                    f"into it too (lease {self.path}). Stop that run, or wait for it (--lease-wait "
+                                    f"SECONDS); if it is gone, its lease goes stale {STALE_SECONDS:.0f} s after its "
+                                    f"last heartbeat.")
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
             if os.fstat(fd).st_ino != self._inode_at_path():  # replaced while we locked it: retry

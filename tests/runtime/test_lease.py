@@ -18,7 +18,7 @@ from tests.conftest import REPO
 HOLDER = r"""
 import os, sys, time
 from latentlm_mcore.runtime.lease import DirectoryLease, LeaseLost
-lease = DirectoryLease(sys.argv[1]).acquire()
+lease = DirectoryLease(sys.argv[1], name=sys.argv[3]).acquire()
 if sys.argv[2] == "fork" and os.fork() == 0:  # a child that inherits the locked descriptor
     time.sleep(120)
     os._exit(0)
@@ -36,8 +36,9 @@ lease.release()
 """
 
 
-def start_holder(directory, mode="plain"):
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), mode], cwd=REPO, text=True,
+def start_holder(directory, mode="plain", name="LEASE"):
+    """A process holding the lease on `directory` (the file `name`) until it reads a line on stdin."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), mode, name], cwd=REPO, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == "held"
     return proc

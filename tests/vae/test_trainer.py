@@ -304,3 +304,19 @@ def test_epochs_set_the_number_of_steps(photo_dirs, tmp_path):
 def test_perceptual_loss_without_weights_file_is_a_clear_error(photo_dirs, tmp_path):
     with pytest.raises(ValueError, match="perceptual_weight is 1.0 but no vgg16_weights.*--perceptual-weight 0"):
         SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, perceptual_weight=1.0))
+
+
+def test_a_second_run_into_a_held_out_dir_is_refused_and_writes_nothing(photo_dirs, tmp_path):
+    from latentlm_mcore.runtime.lease import LeaseHeld
+    from tests.runtime.test_lease import start_holder
+
+    holder = start_holder(tmp_path)  # another live run's lease on out_dir
+    try:
+        trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, max_steps=2))
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            trainer.train()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["LEASE"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    trainer.train()  # released: the same trainer now runs
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "LEASE").read_text() == ""
