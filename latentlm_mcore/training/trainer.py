@@ -181,14 +181,14 @@ def hold_save_directory(run: RunConfig) -> DirectoryLease | None:
     if torch.distributed.get_rank() == 0:
         try:
             lease = DirectoryLease(run.save, wait=run.lease_wait).acquire()
-        except LeaseHeld as e:
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
             error = e
     ok = torch.tensor([0.0 if error else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
     torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     if error is not None:
         raise error
     if not ok.item():
-        raise LeaseHeld(f"{run.save}: rank 0 found the directory leased by another run (see its error)")
+        raise LeaseHeld(f"{run.save}: rank 0 could not take the directory's lease (see its error)")
     return lease
 
 

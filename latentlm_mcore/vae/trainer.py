@@ -431,13 +431,13 @@ class SigmaVAETrainer:
         if self.is_main:
             try:
                 lease = DirectoryLease(self.cfg.out_dir, wait=self.cfg.lease_wait).acquire()
-            except LeaseHeld as e:
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
                 refused = e
         (any_refused,) = self._any_rank(refused is not None)
         if refused is not None:
             raise refused
         if any_refused:
-            raise LeaseHeld(f"{self.cfg.out_dir}: rank 0 found the directory leased by another run (see its error)")
+            raise LeaseHeld(f"{self.cfg.out_dir}: rank 0 could not take the directory's lease (see its error)")
         return lease
 
     def _check_may_publish(self) -> None:

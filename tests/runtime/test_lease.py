@@ -4,7 +4,6 @@ whose heartbeat stopped are taken over and logged, and the stalled holder then l
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time

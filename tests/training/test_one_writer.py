@@ -164,8 +164,9 @@ def test_a_second_launch_is_refused_names_the_holder_and_changes_nothing(tiny_da
         kill_tree(first)
 
 
-def kill_somehow(rng, proc, save, log, resumed_at) -> str:
-    """One random kill of one launch; returns what was done (the launch may finish first: 'finished')."""
+def kill_somehow(rng, proc, save, log, resumed_at) -> tuple[str, list]:
+    """One random kill of one launch, waiting until all of it is gone; returns what was done (the launch
+    may finish first: 'finished') and its processes."""
     how = rng.choice(["launcher", "one rank", "whole tree"])
     when = rng.choice(["start-up", "mid-step", "mid-save"])
     debris = tmp_dirs(save)
@@ -178,7 +179,7 @@ def kill_somehow(rng, proc, save, log, resumed_at) -> str:
     else:
         landed = wait_for(lambda: iterations_done(log) > resumed_at and tmp_dirs(save) - debris, proc)
     if not landed:
-        return "finished"
+        return "finished", []
     everyone = generation(proc)
     if how == "launcher":
         os.kill(proc.pid, signal.SIGKILL)
@@ -191,9 +192,10 @@ def kill_somehow(rng, proc, save, log, resumed_at) -> str:
             rng.choice(workers).kill()
     else:
         kill_tree(proc)
+    everyone += generation_leftovers(everyone)
     proc.wait(timeout=TEARDOWN_BOUND_S)
-    wait_gone(everyone + generation_leftovers(everyone), TEARDOWN_BOUND_S)
-    return f"{how} {when}"
+    wait_gone(everyone, TEARDOWN_BOUND_S)
+    return f"{how} {when}", everyone
 
 
 def generation_leftovers(everyone):
@@ -217,9 +219,9 @@ def soak(tiny_dataset, reference, tmp_path, kills: int):
         resumed_at = latest(save)
         proc = spawn_torchrun(PRETRAIN, 2, args(tiny_dataset, save, steps), tmp_path, log)
         try:
-            what = kill_somehow(rng, proc, save, log, resumed_at)
+            what, processes = kill_somehow(rng, proc, save, log, resumed_at)
+            every_generation += processes
         finally:
-            every_generation += generation_leftovers([]) if proc.poll() is not None else generation(proc)
             kill_tree(proc)
         done.append(f"gen {gen} from iteration {resumed_at}: {what}")
         if what == "finished":
