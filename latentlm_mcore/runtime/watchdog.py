@@ -85,10 +85,16 @@ def _watch(parent: int) -> None:
             os._exit(1)
 
 
-def die_with_launcher() -> int:
-    """Tie this rank to its launcher (its parent process). Idempotent; returns the launcher's pid."""
+def under_launcher() -> bool:
+    """Started by torchrun (its agent sets TORCHELASTIC_RUN_ID) or as a task of an srun step."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_STEP_ID" in os.environ
+
+
+def die_with_launcher() -> int | None:
+    """Tie this rank to its launcher (its parent process). Idempotent; returns the launcher's pid.
+    A process started directly (`python pretrain/...`, `nohup`) is left alone: its parent is a shell."""
     global _launcher_pid, _started
-    if _started:
+    if _started or not under_launcher():
         return _launcher_pid
     _launcher_pid = os.getppid()
     if _launcher_pid == 1:

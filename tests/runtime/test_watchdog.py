@@ -1,6 +1,7 @@
 """runtime/watchdog.py with real processes: a rank started in a session of its own (as torchrun starts
 its workers) dies with its launcher, and so do the processes it forked and its spawned Manager; without
 prctl the watchdog thread does the same within its poll period."""
+import os
 import subprocess
 import sys
 import time
@@ -39,7 +40,8 @@ time.sleep(300)
 
 @pytest.mark.parametrize("mode", ["prctl", "no-prctl"])
 def test_a_rank_and_its_helpers_die_with_the_launcher(mode):
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, RANK, mode], cwd=REPO, text=True,
+    env = dict(os.environ, TORCHELASTIC_RUN_ID="test")  # as torchrun's agent sets it
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, RANK, mode], cwd=REPO, text=True, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     rank = psutil.Process(int(launcher.stdout.readline()))
     assert launcher.stdout.readline().strip() == "ready"
@@ -61,3 +63,12 @@ def test_a_rank_and_its_helpers_die_with_the_launcher(mode):
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_a_process_started_directly_is_left_alone():
+    """`python pretrain/...` (or under nohup) has a shell for a parent: its exit must not stop training."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RUN_ID", "SLURM_STEP_ID")}
+    out = subprocess.run([sys.executable, "-c", "from latentlm_mcore.runtime import watchdog; "
+                          "print(watchdog.die_with_launcher(), watchdog.launcher_alive())"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["None", "True"], out.stderr
