@@ -15,15 +15,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latentlm_mcore.runtime.watchdog import die_with_launcher  # noqa: E402
+
+# first, before the heavy imports: a launcher that dies from here on takes this rank along (under torchrun
+# one that died during the interpreter's start-up took its rendezvous store along, so the rank never trains)
+die_with_launcher()
+
 from latentlm_mcore.config import (ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig,  # noqa: E402
                                    add_config_arguments, apply_overrides, config_overrides, get_preset)
 from latentlm_mcore.runtime.lease import LeaseHeld  # noqa: E402
-from latentlm_mcore.runtime.watchdog import die_with_launcher  # noqa: E402
 from latentlm_mcore.training.trainer import pretrain  # noqa: E402
 
 
 def main(argv=None):
-    die_with_launcher()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
     add_config_arguments(parser.add_argument_group("run"), RunConfig)

@@ -19,6 +19,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from latentlm_mcore.runtime.watchdog import die_with_launcher  # noqa: E402
+
+# first, before the heavy imports: a launcher that dies from here on takes this rank along (under torchrun
+# one that died during the interpreter's start-up took its rendezvous store along, so the rank never trains)
+die_with_launcher()
+
 from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
 from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402
@@ -55,7 +60,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    die_with_launcher()
     model_cfg, train_cfg = parse_args(argv)
     rank, _, _ = rank_and_world_from_env()  # under srun this also exports RANK etc.
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,

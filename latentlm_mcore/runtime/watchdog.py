@@ -52,7 +52,7 @@ def die_with_parent() -> None:
     initializer). Exits at once if the parent is already gone."""
     parent = os.getppid()
     _set_parent_death_signal(signal.SIGKILL)
-    if parent == 1 or os.getppid() != parent:
+    if os.getppid() != parent:  # died before the signal was armed (the launcher may be pid 1: containers)
         os._exit(1)
 
 
@@ -97,8 +97,6 @@ def die_with_launcher() -> int | None:
     if _started or not under_launcher():
         return _launcher_pid
     _launcher_pid = os.getppid()
-    if _launcher_pid == 1:
-        raise LauncherGone("started as an orphan (parent pid 1): the launcher is already gone")
     if not _set_parent_death_signal(signal.SIGKILL):
         log.warning("prctl(PR_SET_PDEATHSIG) unavailable: relying on the %.1f s parent watchdog", POLL_SECONDS)
     if os.getppid() != _launcher_pid:  # the parent died between getppid and prctl
