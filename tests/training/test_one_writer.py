@@ -224,8 +224,9 @@ def soak(tiny_dataset, reference, tmp_path, kills: int):
         finally:
             kill_tree(proc)
         done.append(f"gen {gen} from iteration {resumed_at}: {what}")
-        if what == "finished":
-            assert proc.returncode == 0, log.read_text()[-3000:]
+        if what == "finished":  # ended on its own: every rank's error lines, not only the launcher's summary
+            errors = [line for line in log.read_text().splitlines() if "rror" in line and "[rank" in line]
+            assert proc.returncode == 0, f"{log}:\n" + "\n".join(errors[-40:])
             break
     print("\n".join(done))
     run_torchrun(PRETRAIN, 2, args(tiny_dataset, save, steps), tmp_path)  # the plain relaunch that ends it
