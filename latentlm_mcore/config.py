@@ -103,6 +103,7 @@ class RunConfig:
     eval_iters: int = 10  # micro-batches per rank per evaluation
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
+    lease_wait: float = 0.0  # seconds to wait for another run's lease on `save` before refusing (runtime/lease.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     fp8: Literal["e4m3", "hybrid"] | None = None  # Transformer Engine FP8 for the backbone's linear layers
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"

@@ -6,7 +6,8 @@
 
 Every field of SigmaVAEConfig (model; overrides the preset) and TrainConfig is a --flag of the same name.
 A preset with a training recipe (`paper`: 200 epochs, perceptual + GAN losses) sets TrainConfig defaults too;
-an explicit --max-steps replaces the recipe's --epochs. Re-running with the same --out-dir resumes.
+an explicit --max-steps replaces the recipe's --epochs. Re-running with the same --out-dir resumes; a run
+refuses an --out-dir that another live run holds (--lease-wait SECONDS waits), and dies with its launcher.
 """
 
 import argparse
@@ -17,8 +18,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from latentlm_mcore.runtime.watchdog import die_with_launcher  # noqa: E402
+
+# first, before the heavy imports: a launcher that dies from here on takes this rank along (under torchrun
+# one that died during the interpreter's start-up took its rendezvous store along, so the rank never trains)
+die_with_launcher()
+
 from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
-install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
+install_warning_filters()  # known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
 
 from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402

@@ -151,11 +151,20 @@ def _part_paths(cfg: PreprocessConfig):
 
 
 def preprocess_part(cfg: PreprocessConfig) -> dict:
-    """Write this task's part (or return its manifest if already finished)."""
-    from latentlm_mcore.vae import load_sigma_vae
+    """Write this task's part (or return its manifest if already finished), holding the part's lease
+    (`parts/<part>.lease`, runtime/lease.py): a second task on the same part refuses, naming the first."""
+    from latentlm_mcore.runtime.lease import DirectoryLease
 
     if not 0 <= cfg.shard_index < cfg.num_shards:
         raise ValueError(f"shard_index {cfg.shard_index} not in [0, {cfg.num_shards})")
+    name, manifest_path, _ = _part_paths(cfg)
+    with DirectoryLease(os.path.dirname(manifest_path), name=f"{name}.lease"):
+        return _write_part(cfg)
+
+
+def _write_part(cfg: PreprocessConfig) -> dict:
+    from latentlm_mcore.vae import load_sigma_vae
+
     name, manifest_path, rejects_path = _part_paths(cfg)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:

@@ -1,1 +1,1 @@
-"""Process-level runtime helpers that import no Megatron (import each submodule explicitly)."""
+"""Process-level runtime helpers that import no Megatron: import the submodules explicitly."""

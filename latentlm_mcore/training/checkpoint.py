@@ -10,7 +10,9 @@ Layout of a save directory:
 Every tensor is stored by its global name and offsets, so a checkpoint loads at any TP/PP/DP.
 A checkpoint is written to `iter_N.tmp/` and published by renaming it and then replacing `latest`
 (each an atomic rename), so a crash mid-save leaves the previous checkpoint loadable; older
-checkpoints beyond `keep_last` are deleted only after that.
+checkpoints beyond `keep_last` are deleted only after that. Before each rename rank 0 asks
+`may_publish` (the trainer's: the launcher is alive and the run still holds the directory's lease), so
+a rank orphaned by its launcher, or a run whose lease was taken over, never moves `latest`.
 """
 from __future__ import annotations
 
@@ -101,18 +103,26 @@ def shield_checkpoint_writer_from_signals() -> None:
     on first use. On preemption Slurm signals every process of the job step; a Manager spawned with
     default handlers dies, and the checkpoint that the signal asked for fails with BrokenPipeError.
     An ignored disposition survives the spawn, so the Manager lives until the save is done (and is
-    SIGKILLed with the step, or shut down at exit). Call once, before the first save.
+    SIGKILLed with the step, or shut down at exit). It is started as megatron would (spawn), with a
+    parent-death signal armed, so it never outlives its rank. Call once, before the first save.
     """
+    import multiprocessing
     import signal
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    from multiprocessing.managers import SyncManager
+
+    from latentlm_mcore.runtime.watchdog import die_with_parent
+
     previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        # megatron-core 0.17 made the helper public (`_get_write_results_queue` -> `get_write_results_queue`)
-        start_queue = getattr(filesystem_async, "get_write_results_queue", None) or \
-            filesystem_async._get_write_results_queue
-        start_queue()
+        # megatron's own queue (the global behind `_get_write_results_queue` in 0.16 and
+        # `get_write_results_queue` in 0.17+), plus: it dies with this rank
+        if filesystem_async._results_queue is None:
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            manager.start(initializer=die_with_parent)
+            filesystem_async._results_queue = manager.Queue()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -146,9 +156,11 @@ def _restore_rng(state: dict) -> None:
 
 # ---------------------------------------------------------------- full training state
 def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler, common: dict, cfg,
-                    run_extra: dict | None = None, keep_last: int | None = None) -> str:
+                    run_extra: dict | None = None, keep_last: int | None = None, may_publish=None) -> str:
     """Save model, optimizer, scheduler, RNG and `common` (iteration, consumed tokens, data-loader
-    states: must be identical on every rank) as checkpoint `iteration`; publish it atomically."""
+    states: must be identical on every rank) as checkpoint `iteration`; publish it atomically.
+    `may_publish()`, when given, raises to refuse publishing (the checkpoint stays `iter_N.tmp`)."""
+    check = may_publish or (lambda: None)
     final = os.path.join(save_dir, iteration_dirname(iteration))
     tmp = final + ".tmp"
     rank0 = torch.distributed.get_rank() == 0
@@ -166,9 +178,11 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler,
     torch.distributed.barrier()
     if rank0:
         save_run_config(tmp, cfg, run_extra)
+        check()
         if os.path.exists(final):  # the same iteration saved again (e.g. after a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        check()
         _write_latest(save_dir, os.path.basename(final))
         _prune(save_dir, keep_last or len(os.listdir(save_dir)))
     torch.distributed.barrier()

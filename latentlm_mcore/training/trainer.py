@@ -4,7 +4,9 @@
 Float16Module (BF16) -> megatron DDP -> distributed optimizer -> warmup + cosine scheduler -> data
 (one packed loader per data-parallel rank; TP/PP peers read the same documents) -> resume from the
 latest checkpoint -> steps with logging, evaluation, checkpoints, and a clean save-and-exit on
-SIGTERM / SIGUSR1 (Slurm preemption).
+SIGTERM / SIGUSR1 (Slurm preemption). One writer per run: rank 0 holds the lease on `--save`
+(runtime/lease.py) for the whole run, and no checkpoint is published by a rank whose launcher has died
+(runtime/watchdog.py, armed by the entry point) or whose lease was taken over.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ from megatron.core.transformer.module import Float16Module
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
 from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
+from latentlm_mcore.runtime.lease import DirectoryLease, LeaseHeld
+from latentlm_mcore.runtime.watchdog import check_launcher
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                 shield_checkpoint_writer_from_signals)
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
@@ -170,10 +174,27 @@ class CountingIterator:
         return batch
 
 
+def hold_save_directory(run: RunConfig) -> DirectoryLease | None:
+    """Rank 0 takes the lease on `run.save` (waiting up to run.lease_wait s); every rank learns the
+    outcome from one all-reduce, so all refuse together. Returns the lease on rank 0, None elsewhere."""
+    lease, error = None, None
+    if torch.distributed.get_rank() == 0:
+        try:
+            lease = DirectoryLease(run.save, wait=run.lease_wait).acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            error = e
+    ok = torch.tensor([0.0 if error else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
+    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not ok.item():
+        raise LeaseHeld(f"{run.save}: rank 0 could not take the directory's lease (see its error)")
+    return lease
+
+
 def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
     summary: final iteration, why it stopped, the last logged metrics."""
-    t, p = cfg.train, cfg.parallel
     # refuse before any process group or model exists what this machine or layout cannot run; the probe
     # (which imports TE) runs on this rank's own GPU, not on GPU 0 of every rank
     _, world_size, local_rank = rank_and_world_from_env()
@@ -182,11 +203,31 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     machine = probe_machine()
     check_pretrain(cfg, run, machine, world_size)
     peak, peak_description = device_peak_tflops(run.peak_tflops, "fp8" if run.fp8 else "bf16")
-    init_distributed(p, seed=t.seed)
+    init_distributed(cfg.parallel, seed=cfg.train.seed)
+    try:
+        lease = hold_save_directory(run)
+    except LeaseHeld:
+        shutdown_distributed()
+        raise
+
+    def may_publish():
+        check_launcher()
+        if lease is not None:
+            lease.check()
+
+    try:
+        return _train(cfg, run, may_publish, describe_pretrain(cfg, run, machine, world_size, peak_description), peak)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, start_line: str, peak) -> dict:
+    t, p = cfg.train, cfg.parallel
     preempt = PreemptionFlag()
     rank0 = torch.distributed.get_rank() == 0
     if rank0:
-        print(describe_pretrain(cfg, run, machine, world_size, peak_description), flush=True)
+        print(start_line, flush=True)
     dp = parallel_state.get_data_parallel_world_size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
 
@@ -222,7 +263,8 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     def checkpoint():
         common = {"consumed_tokens": consumed_tokens, "data": data.state_dicts()}
         with params_synced(chunks):
-            save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last)
+            save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last,
+                            may_publish)
         if logger is not None:
             logger.plot()
 

@@ -9,6 +9,7 @@ Files under `out_dir`:
   sigma_vae.pt    the exported σ-VAE for the data pipeline (`load_sigma_vae`), with latent statistics
   samples/step_XXXXXXX.png   originals (top row) vs reconstructions (bottom row) of held-out images
   metrics.jsonl   one JSON line per eval; tb/ TensorBoard events; wandb/ when a project is given
+  LEASE           rank 0's lease on out_dir while train() runs (runtime/lease.py): a second run refuses
 """
 
 import json
@@ -27,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from latentlm_mcore.runtime.lease import DirectoryLease, LeaseHeld
+from latentlm_mcore.runtime.watchdog import check_launcher
 from latentlm_mcore.training.preflight import check_sigma_vae, describe_sigma_vae, probe_machine
 from latentlm_mcore.training.ranks import rank_and_world_from_env
 from latentlm_mcore.vae.config import SigmaVAEConfig
@@ -76,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     wandb_project: str = ""  # empty: no wandb; runs offline unless WANDB_MODE says otherwise
     tensorboard: bool = True
+    lease_wait: float = 0.0  # seconds to wait for another run's lease on out_dir before refusing (runtime/lease.py)
 
     @property
     def gan_enabled(self) -> bool:
@@ -135,6 +139,7 @@ class SigmaVAETrainer:
         self.is_main = self.rank == 0
         if self.is_main:
             log.info(describe_sigma_vae(model_cfg, cfg, machine, self.world_size))
+        self.lease = None  # held by train(), the only writer of out_dir
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
@@ -222,7 +227,9 @@ class SigmaVAETrainer:
         each atomically, so a crash at any point leaves the previous good files in place."""
         if self.is_main:
             self.latent_stats = self.latent_statistics()
+            self._check_may_publish()
             save_sigma_vae(self.export_path, self.vae, self.latent_stats)
+            self._check_may_publish()
             atomic_torch_save({
                 "model_config": asdict(self.model_cfg),
                 "train_config": asdict(self.cfg),
@@ -346,6 +353,7 @@ class SigmaVAETrainer:
     def train(self) -> dict:
         """Train up to `max_steps` (continuing a resumed run); returns the last eval metrics (or {})."""
         cfg = self.cfg
+        self.lease = self._hold_out_dir()
         sampler = InfiniteDistributedSampler(len(self.train_set), self.rank, self.world_size, cfg.seed,
                                              start=self.step * cfg.batch_size)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -394,6 +402,9 @@ class SigmaVAETrainer:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
             progress.close()
+            if self.lease is not None:
+                self.lease.release()
+                self.lease = None
         return last_eval
 
     def _catch_stop_signals(self) -> dict:
@@ -413,6 +424,27 @@ class SigmaVAETrainer:
         t = torch.tensor([float(f) for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
+
+    def _hold_out_dir(self) -> DirectoryLease | None:
+        """Rank 0 takes the lease on out_dir; every rank learns whether it got it, and all refuse together."""
+        lease, refused = None, None
+        if self.is_main:
+            try:
+                lease = DirectoryLease(self.cfg.out_dir, wait=self.cfg.lease_wait).acquire()
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+                refused = e
+        (any_refused,) = self._any_rank(refused is not None)
+        if refused is not None:
+            raise refused
+        if any_refused:
+            raise LeaseHeld(f"{self.cfg.out_dir}: rank 0 could not take the directory's lease (see its error)")
+        return lease
+
+    def _check_may_publish(self) -> None:
+        """Raise instead of replacing a file when the launcher died or the lease was taken over."""
+        check_launcher()
+        if self.lease is not None:
+            self.lease.check()
 
     def close(self) -> None:
         if self._tensorboard is not None:

@@ -159,3 +159,21 @@ def test_crashed_part_leaves_nothing_visible_and_rerun_finishes(raw_documents, i
     ids = [s["doc_id"] for src in manifest["sources"]
            for s in read_shards(str(out / src), str(tmp_path / "cache" / src))]
     assert sorted(ids) == sorted(d["id"] for d in docs[:70])
+
+
+def test_a_second_task_on_a_part_being_written_is_refused(raw_documents, image_root, vae_checkpoint, tmp_path):
+    from latentlm_mcore.runtime.lease import LeaseHeld
+    from tests.runtime.test_lease import start_holder
+
+    raw, _ = raw_documents
+    out = tmp_path / "out"
+    cfg = PreprocessConfig(inputs=[str(raw / "a.jsonl")], output=str(out), image_root=str(image_root[0]),
+                           vae_checkpoint=vae_checkpoint, num_shards=4, shard_index=1, progress=False)
+    holder = start_holder(out / "parts", "plain", "part-00001-of-00004.lease")  # a live task on part 1
+    try:
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid}"):
+            preprocess_part(cfg)
+        assert sorted(p.name for p in out.rglob("*")) == ["part-00001-of-00004.lease", "parts"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert preprocess_part(cfg)["part"] == "part-00001-of-00004"

@@ -334,3 +334,19 @@ def test_resume_refuses_a_checkpoint_that_runs_code_when_loaded(photo_dirs, tmp_
     # the same file through a pickle load would have run the payload: the test's payload is real
     torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert marker.exists()
+
+
+def test_a_second_run_into_a_held_out_dir_is_refused_and_writes_nothing(photo_dirs, tmp_path):
+    from latentlm_mcore.runtime.lease import LeaseHeld
+    from tests.runtime.test_lease import start_holder
+
+    holder = start_holder(tmp_path)  # another live run's lease on out_dir
+    try:
+        trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, max_steps=2))
+        with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on {socket.gethostname()}"):
+            trainer.train()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["LEASE"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    trainer.train()  # released: the same trainer now runs
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "LEASE").read_text() == ""
