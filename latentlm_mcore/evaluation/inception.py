@@ -39,32 +39,26 @@ def bundled_weights_path() -> str:
     return path
 
 
-def _feature_extractor_class():
+def _unloaded_network() -> torch.nn.Module:
+    """torch-fidelity's module with its weights not yet loaded (its constructor insists on a file: an empty one)."""
     make_torchvision_importable()  # torch_fidelity imports torchvision
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-    return FeatureExtractorInceptionV3
 
-
-def _empty_torch_fidelity_state() -> dict[str, torch.Tensor]:
-    """Names and shapes of torch-fidelity's module (built without loading any weights)."""
-    cls = _feature_extractor_class()
-
-    class _Shapes(cls):
-        def load_state_dict(self, *args, **kwargs):
-            return None
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state, strict=True, assign=False):
+            return torch.nn.Module.load_state_dict(self, state, strict, assign) if state else None
 
     buffer = io.BytesIO()
     torch.save({}, buffer)
     buffer.seek(0)
-    return _Shapes("shapes", ["2048"], feature_extractor_weights_path=buffer).state_dict()
+    return Unloaded("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer)
 
 
-def _from_torchscript(scripted: torch.jit.ScriptModule, path: str) -> dict[str, torch.Tensor]:
-    """Map NVIDIA's TF-named tensors onto torch-fidelity's names. Both list the convolutions in the TF
-    graph's order (mixed/tower/tower_1/tower_2 = branch1x1/5x5/3x3dbl/pool), so they pair up in order;
+def _from_torchscript(scripted: torch.jit.ScriptModule, target: dict, path: str) -> dict[str, torch.Tensor]:
+    """Map NVIDIA's TF-named tensors onto torch-fidelity's names (`target`). Both list the convolutions in
+    the TF graph's order (mixed/tower/tower_1/tower_2 = branch1x1/5x5/3x3dbl/pool), so they pair up in order;
     every pair is checked by shape, and the feature-equality test checks the result against the TorchScript."""
     source = scripted.state_dict()
-    target = _empty_torch_fidelity_state()
     src_convs = [k[: -len(".weight")] for k in source if k.endswith(".weight")]
     dst_convs = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
     if len(src_convs) != len(dst_convs):
@@ -86,8 +80,8 @@ def _from_torchscript(scripted: torch.jit.ScriptModule, path: str) -> dict[str, 
     return state
 
 
-def load_inception_state(path: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """(torch-fidelity state dict, whether it has the 1008-way classifier) from a local weights file."""
+def load_inception_state(path: str, target: dict) -> tuple[dict[str, torch.Tensor], bool]:
+    """(state dict with `target`'s names, whether it has the 1008-way classifier) from a local weights file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Inception weights {path}: no such file")
     try:
@@ -95,14 +89,12 @@ def load_inception_state(path: str) -> tuple[dict[str, torch.Tensor], bool]:
     except RuntimeError:
         scripted = None
     if scripted is not None:
-        return _from_torchscript(scripted, path), False
+        return _from_torchscript(scripted, target, path), False
     state = torch.load(path, map_location="cpu", weights_only=True)
-    expected = set(_empty_torch_fidelity_state())
-    missing = sorted(expected - set(state) - {k for k in expected if k.endswith("num_batches_tracked")})
+    missing = sorted(k for k in target if k not in state and not k.endswith("num_batches_tracked"))
     if missing:
         raise ValueError(f"{path}: not a 2015-12-05 Inception-v3 state dict (missing {missing[:3]}...)")
-    state = {k: v for k, v in state.items() if k in expected}
-    return state, True
+    return {k: v for k, v in state.items() if k in target}, True
 
 
 class InceptionV3(torch.nn.Module):
@@ -114,12 +106,9 @@ class InceptionV3(torch.nn.Module):
     def __init__(self, weights_path: str | None = None):
         super().__init__()
         self.weights_path = weights_path or bundled_weights_path()
-        state, self.has_classifier = load_inception_state(self.weights_path)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        buffer.seek(0)
-        self.net = _feature_extractor_class()(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer)
+        self.net = _unloaded_network()
+        state, self.has_classifier = load_inception_state(self.weights_path, self.net.state_dict())
+        self.net.load_state_dict(state, strict=False)  # every needed name was checked; counters may be absent
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,3 +50,12 @@ def weights_with_classifier(tmp_path_factory, inception):
     path = tmp_path_factory.mktemp("weights") / "inception-with-classifier.pth"
     torch.save(state, path)
     return path
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Inception-v3 forwards on a shared CPU: one thread, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

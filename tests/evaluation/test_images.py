@@ -67,8 +67,9 @@ def test_folder_metrics_equal_torch_fidelity_end_to_end(image_sets, weights_with
     ours = evaluate_images(str(gen_dir), load_reference(str(ref_dir), net, batch_size=4), net, batch_size=4)
     theirs = torch_fidelity.calculate_metrics(
         input1=str(gen_dir), input2=str(ref_dir), cuda=False, fid=True, isc=True, prc=True, verbose=False,
-        feature_extractor_weights_path=str(weights_with_classifier), samples_shuffle=False, batch_size=4,
-        save_cpu_ram=True)
+        feature_extractor="inception-v3-compat", feature_layer_fid="2048", feature_layer_isc="logits_unbiased",
+        feature_layer_prc="2048", feature_extractor_weights_path=str(weights_with_classifier),
+        samples_shuffle=False, batch_size=4, save_cpu_ram=True)
     assert ours["fid"] > 1.0
     assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-3)
     assert ours["inception_score"] == pytest.approx(theirs["inception_score_mean"], rel=1e-3)
