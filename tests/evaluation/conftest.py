@@ -40,6 +40,14 @@ def inception():
 
 
 @pytest.fixture(scope="session")
+def features(image_sets, inception):
+    """(reference pool3, sample pool3) from the library, single process: computed once for every test."""
+    from latentlm_mcore.evaluation.images import ImageSource, extract_features
+
+    return tuple(extract_features(ImageSource(str(folder)), inception)[0] for folder in image_sets[:2])
+
+
+@pytest.fixture(scope="session")
 def weights_with_classifier(tmp_path_factory, inception):
     """A torch-fidelity-format state dict: the standard weights plus a seeded random 1008-way classifier
     (the real one ships in no package; the Inception Score's code path and math are what is tested)."""
