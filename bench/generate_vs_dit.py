@@ -149,19 +149,6 @@ def main(argv=None):
     generate(latentlm.decoder(True), [[special.end_of_document, 0, special.bod]], special,
              SamplingConfig(max_new_tokens=4), progress=False)
     rows = []
-    for batch in (int(b) for b in args.batch_sizes.split(",")):
-        row = {"batch": batch, "images_per_s": {}, "images_per_cpu_s": {}}
-        runs = {"latentlm_kv_cache": lambda: latentlm_generate(latentlm, batch, args)}
-        runs.update({name: (lambda s=s, n=n: dit_generate(dit, s, n, batch, args, device, dtype))
-                     for name, (s, n) in schedulers.items()})
-        for name, fn in runs.items():
-            _, wall, cpu = timed(fn, device)
-            row["images_per_s"][name], row["images_per_cpu_s"][name] = batch / wall, batch / cpu
-        clock = "images_per_cpu_s" if device.type == "cpu" else "images_per_s"
-        row["latentlm_speedup"] = {name: row[clock]["latentlm_kv_cache"] / row[clock][name] for name in schedulers}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-
     result = {
         "what": "class-conditional images/s, LatentLM (KV cache, DPM-Solver++ per latent) vs a DiT of matched "
                 "parameter count on the same latent grid, CFG in one batch",
@@ -177,8 +164,20 @@ def main(argv=None):
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        row = {"batch": batch, "images_per_s": {}, "images_per_cpu_s": {}}
+        runs = {"latentlm_kv_cache": lambda: latentlm_generate(latentlm, batch, args)}
+        runs.update({name: (lambda s=s, n=n: dit_generate(dit, s, n, batch, args, device, dtype))
+                     for name, (s, n) in schedulers.items()})
+        for name, fn in runs.items():
+            _, wall, cpu = timed(fn, device)
+            row["images_per_s"][name], row["images_per_cpu_s"][name] = batch / wall, batch / cpu
+        clock = "images_per_cpu_s" if device.type == "cpu" else "images_per_s"
+        row["latentlm_speedup"] = {name: row[clock]["latentlm_kv_cache"] / row[clock][name] for name in schedulers}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        with open(args.output, "w") as f:  # after every batch size: a long run keeps what it measured
+            json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "results"}, indent=2))
     return result
 
