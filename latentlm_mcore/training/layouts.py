@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from latentlm_mcore.config import LatentLMConfig
 from latentlm_mcore.training.flops import backbone_forward_flops, head_forward_flops
-from latentlm_mcore.training.memory import (GIB, Layout, activation_bytes, in_flight_micro_batches, layer_activation_bytes,
-                                            rank_states)
+from latentlm_mcore.training.memory import (GIB, Layout, activation_bytes, in_flight_micro_batches, rank_states,
+                                            recomputed_layer_bytes)
 
 # memory the planner leaves free on each GPU: CUDA context, NCCL buffers, allocator fragmentation
 RESERVE_FRACTION = 0.10
@@ -58,8 +58,8 @@ def step_seconds(cfg: LatentLMConfig, layout: Layout, mbs: int, recompute: str |
     forward = backbone_forward_flops(m, s) + head_forward_flops(m, latent_fraction * s)
     if recompute == "full":
         factor = 4.0
-    elif recompute == "selective":  # the attention scores' forward again
-        factor = 3.0 + m.num_layers * 4 * s * s * m.hidden_size / forward
+    elif recompute == "selective":  # the MLP's forward again (under TE, the one planned for, attention is not recomputed)
+        factor = 3.0 + m.num_layers * 2 * 3 * m.hidden_size * m.ffn_hidden_size * s / forward
     else:
         factor = 3.0
     flops = factor * forward * cfg.train.global_batch_size / layout.world
@@ -70,10 +70,10 @@ def step_seconds(cfg: LatentLMConfig, layout: Layout, mbs: int, recompute: str |
 
 def search_layouts(cfg: LatentLMConfig, gpus: int, gpus_per_node: int, gpu_memory_gib: float, peak_tflops: float,
                    mfu: float, latent_fraction: float, micro_batch_sizes=(1, 2, 4),
-                   recomputes=(None, "full")) -> tuple[list[LayoutPlan], list[LayoutPlan]]:
+                   recomputes=(None, "selective", "full")) -> tuple[list[LayoutPlan], list[LayoutPlan]]:
     """(fitting plans best first, all plans): fastest first, then least model parallelism, then least memory.
     Activations are planned for Transformer Engine's fused (flash) attention, as on the GPUs planned for; it
-    keeps no seq x seq scores, so selective recompute (which drops those) is not a candidate by default."""
+    keeps no seq x seq scores, so selective recompute saves the MLP's SwiGLU tensors (and costs its forward)."""
     m = cfg.model
     budget = gpu_memory_gib * (1 - RESERVE_FRACTION)
     plans, states = [], {}
@@ -96,10 +96,8 @@ def search_layouts(cfg: LatentLMConfig, gpus: int, gpus_per_node: int, gpu_memor
                                                  layers=m.num_layers // chunks * (layout.vpp or 1), first=first,
                                                  last=last)
                     held = in_flight_micro_batches(layout.pp, state.pipeline_rank, layout.vpp, num_micro)
-                    if recompute == "full":  # backward rebuilds one layer's activations at a time
-                        per_micro_recomputed = layer_activation_bytes(m, mbs, layout.tp, layout.sp, None)
-                    else:
-                        per_micro_recomputed = 0.0
+                    # backward rebuilds one layer's recomputed tensors at a time
+                    per_micro_recomputed = recomputed_layer_bytes(m, mbs, layout.tp, layout.sp, recompute)
                     total = state.total_bytes + per_micro * held + per_micro_recomputed
                     if worst is None or total > worst[0]:
                         worst = (total, state, per_micro * held + per_micro_recomputed)

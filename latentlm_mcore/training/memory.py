@@ -202,8 +202,10 @@ def rank_states(model_cfg: ModelConfig, layout: Layout, params_dtype=torch.bfloa
 # varying one dimension at a time with torch's memory tracker (training/memory_measure.py), and read as
 #   per layer and token: 34 x h (8 of them the two norms' inputs and outputs, replicated over TP unless SP is on)
 #   + 10 x ffn (SwiGLU: fc1 out, silu(gate), their product) + 6 x heads x seq (FP32 softmax + BF16 probs of the
-#   unfused attention; dropped by selective recompute, absent with fused/flash attention); full recompute keeps
-#   2 x h (the layer input).
+#   unfused attention; absent with fused/flash attention). Selective recompute checkpoints the MLP (and, local spec,
+#   the attention core), which then keeps only its input, the pre-MLP norm's output already among the 34 x h: the
+#   ffn and score terms go, the 34 x h stay (measured: 34.0 x h per layer and token, whatever the ffn width); full
+#   recompute keeps 2 x h (the layer input).
 #   outside the layers: 8 x h on the first stage (embedding, latent projection), 17 x h + 4 x vocab/TP on the
 #   last (final norm, output layer, the logits of the vocab-parallel cross-entropy).
 #   diffusion head, per noised copy (batch_mul per latent target, 1/TP of them per TP rank): 24 x head width +
@@ -219,16 +221,33 @@ def layer_activation_bytes(m: ModelConfig, mbs: int, tp: int, sp: bool, recomput
                            flash_attention: bool = True) -> float:
     """Bytes one Transformer layer keeps for backward per micro-batch, on one TP rank. `flash_attention`
     (Transformer Engine's fused attention on GPU) keeps no seq x seq scores; megatron's local (unfused)
-    attention, the one that runs on CPU, keeps the softmax unless selective recompute drops it."""
-    s, h, f, a = m.seq_length, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads
+    attention, the one that runs on CPU, keeps the softmax unless selective recompute drops it. Selective
+    recompute (the MLP, and under the local spec the attention core) keeps neither the SwiGLU tensors nor the
+    scores."""
+    s, h = m.seq_length, m.hidden_size
     replicated = tp if sp else 1
     if recompute == "full":
         return FULL_RECOMPUTE_HIDDEN * s * mbs * h / replicated
-    out = s * mbs * (h * (LAYER_HIDDEN_REPLICATED / replicated + (LAYER_HIDDEN - LAYER_HIDDEN_REPLICATED) / tp)
-                     + LAYER_FFN * f / tp)
-    if recompute != "selective" and not flash_attention:
-        out += LAYER_SCORES * a * s * s * mbs / tp
+    out = s * mbs * h * (LAYER_HIDDEN_REPLICATED / replicated + (LAYER_HIDDEN - LAYER_HIDDEN_REPLICATED) / tp)
+    if recompute != "selective":
+        out += recomputed_layer_bytes(m, mbs, tp, sp, "selective", flash_attention)
     return out
+
+
+def recomputed_layer_bytes(m: ModelConfig, mbs: int, tp: int, sp: bool, recompute: str | None,
+                           flash_attention: bool = True) -> float:
+    """Bytes one layer's recomputation rebuilds during backward (one layer at a time, once per rank on top of
+    what the in-flight micro-batches keep): selective, the MLP's SwiGLU tensors (and without flash attention the
+    scores); full, everything the layer keeps without recompute beyond its input."""
+    s, f, a = m.seq_length, m.ffn_hidden_size, m.num_attention_heads
+    if recompute == "selective":
+        out = LAYER_FFN * s * mbs * f / tp
+        if not flash_attention:
+            out += LAYER_SCORES * a * s * s * mbs / tp
+        return out
+    if recompute == "full":
+        return layer_activation_bytes(m, mbs, tp, sp, None, flash_attention)
+    return 0.0
 
 
 def head_activation_bytes(m: ModelConfig, mbs: int, tp: int, latent_fraction: float) -> float:
@@ -243,8 +262,8 @@ def activation_bytes(m: ModelConfig, mbs: int, tp: int = 1, sp: bool = False, re
                      latent_fraction: float = 0.25, layers: int | None = None, first: bool = True,
                      last: bool = True, flash_attention: bool = True) -> float:
     """Activation bytes of one micro-batch on one rank holding `layers` layers (default all) and the first /
-    last stage's extra parts, as held when its forward ends. (Full recompute adds, during backward, one layer's
-    working set at a time: `layer_activation_bytes(..., recompute=None)`, once per rank.)"""
+    last stage's extra parts, as held when its forward ends. (Recompute adds, during backward, one layer's
+    rebuilt tensors at a time: `recomputed_layer_bytes`, once per rank.)"""
     s, h = m.seq_length, m.hidden_size
     replicated = tp if sp else 1
     layers = m.num_layers if layers is None else layers

@@ -90,3 +90,40 @@ def test_plan_and_loader_agree_on_the_mixture(tiny_dataset, tmp_path, monkeypatc
     plan_run_tool.main(["--preset", "tiny", "--latent-fraction", str(planned["tokens"]), "--json"])
     assert by_data == json.loads(capsys.readouterr().out)
     assert np.isfinite(by_data["flops_per_token"])
+
+
+def test_selective_recompute_costs_the_mlp_forward_and_drops_its_swiglu_tensors():
+    """Selective recompute (the MLP; TE's fused attention is not recomputed): one more MLP forward per step,
+    and per layer the 10 bytes per ffn element of the SwiGLU tensors (fc1 out, silu(gate), product) are gone."""
+    from latentlm_mcore.training.layouts import step_seconds
+    from latentlm_mcore.training.memory import Layout, activation_bytes
+
+    cfg = get_preset("mllm-1.3b")
+    h, f, L, v, s = 2048, 6144, 24, 100_288, 4096
+    forward = 2 * (s * (L * (4 * h * h + 3 * h * f) + h * v) + L * 2 * s * s * h)
+    mlp_forward = 2 * s * L * 3 * h * f
+    none, selective, full = (step_seconds(cfg, Layout(1, 1, 128), 1, r, 0.0, 989.0, 0.4)
+                             for r in (None, "selective", "full"))
+    assert selective / none == pytest.approx((3 * forward + mlp_forward) / (3 * forward))
+    assert none < selective < full
+    saved = activation_bytes(cfg.model, 2, tp=2, sp=True) - activation_bytes(cfg.model, 2, tp=2, sp=True,
+                                                                              recompute="selective")
+    assert saved == pytest.approx(L * 10 * f * s * 2 / 2)
+
+
+def test_layout_search_takes_selective_recompute_when_no_recompute_does_not_fit():
+    """8 GPUs for mllm-1.3b, a GPU just too small for every plan without recompute: the best fitting plan
+    recomputes selectively (cheaper than full), and at every layout and micro-batch selective holds less than
+    none and more than full."""
+    from latentlm_mcore.training.layouts import search_layouts
+
+    cfg = get_preset("mllm-1.3b")
+    _, plans = search_layouts(cfg, 8, 8, 1e6, 989.0, 0.4, 0.25, micro_batch_sizes=(1,))
+    by_recompute = {}
+    for p in plans:
+        by_recompute.setdefault((p.layout, p.micro_batch_size), {})[p.recompute] = p
+    assert all(r[None].activation_gib > r["selective"].activation_gib > r["full"].activation_gib
+               for r in by_recompute.values())
+    too_small = min(p.total_gib for p in plans if p.recompute is None) * 0.999 / 0.9
+    fitting, _ = search_layouts(cfg, 8, 8, too_small, 989.0, 0.4, 0.25, micro_batch_sizes=(1,))
+    assert fitting and fitting[0].recompute == "selective"
