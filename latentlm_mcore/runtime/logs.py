@@ -45,7 +45,10 @@ def install_warning_filters() -> bool:
     if os.environ.get("LATENTLM_VERBOSE", "0") == "1":
         return False
     warnings.formatwarning = _one_line
+    # every rank warns alike: rank 0 shows the "once" notes, the other ranks none of them
+    other_rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0
     # filterwarnings inserts at the front: add the general entries first so that the specific ones win
     for action, message, category, module in reversed(BENIGN_WARNINGS):
+        action = "ignore" if other_rank and action == "once" else action
         warnings.filterwarnings(action, message=message, category=category, module=module)
     return True
