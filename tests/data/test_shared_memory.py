@@ -1,0 +1,147 @@
+"""Streaming's shared-memory prefix (latentlm_mcore/data/shared_memory.py), with real StreamingDatasets in real
+processes (2 local ranks over gloo, as torchrun starts them): segments that vanish between the ranks' start-up
+(a previous generation exiting) no longer make the run fail; a SIGKILLed run's segments and locks are removed
+by the next run while a concurrently live run's stay untouched and keep working; a clean exit leaves nothing."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from latentlm_mcore.data import shared_memory
+from tests.conftest import free_port
+
+RANK_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import torch.distributed as dist
+    from latentlm_mcore.data.streaming_compat import import_streaming
+
+    dataset, ctl, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    distributed = int(os.environ["WORLD_SIZE"]) > 1
+    if distributed:
+        dist.init_process_group("gloo")
+    streaming = import_streaming()
+    (ctl / f"{name}.building").touch()
+    while os.environ.get("WAIT_FOR") and not (ctl / os.environ["WAIT_FOR"]).exists():
+        time.sleep(0.05)
+    ds = streaming.StreamingDataset(streams=[streaming.Stream(local=dataset)], batch_size=1, num_canonical_nodes=1)
+    ds[0]
+    (ctl / f"{name}.prefix").write_text(str(ds._shm_prefix_int))
+    while os.environ.get("HOLD") and not (ctl / f"{name}.exit").exists():
+        time.sleep(0.05)
+    ds[len(ds) - 1]
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    print("ok", name, flush=True)
+""")
+
+
+def start(tmp_path, dataset, name, rank=0, world=1, port=0, **env):
+    script = tmp_path / "rank.py"
+    script.write_text(RANK_SCRIPT)
+    env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", **env)
+    log = open(tmp_path / f"{name}.log", "w")
+    return subprocess.Popen([sys.executable, str(script), str(dataset), str(tmp_path), name], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_file(path: Path, procs, timeout=300):
+    end = time.time() + timeout
+    while not path.exists():
+        failed = [p for p in procs if p.poll() is not None and p.returncode != 0]
+        assert not failed and time.time() < end, f"waiting for {path.name}: " + "".join(
+            (path.parent / f"{n}.log").read_text() for n in ("holder", "rank0", "rank1", "dead")
+            if (path.parent / f"{n}.log").exists())
+        time.sleep(0.05)
+
+
+def finish(proc, tmp_path, name, timeout=300):
+    assert proc.wait(timeout=timeout) == 0, (tmp_path / f"{name}.log").read_text()
+
+
+def segments(prefix: int) -> dict:
+    """/dev/shm segments of a prefix: name -> inode."""
+    return {p.name: p.stat().st_ino for p in Path(shared_memory.SHM_DIR).glob(f"{prefix:06}_*")}
+
+
+def two_ranks(tmp_path, dataset, rank1_waits_for=None):
+    port = free_port()
+    extra = {"WAIT_FOR": rank1_waits_for} if rank1_waits_for else {}
+    return [start(tmp_path, dataset, "rank0", 0, 2, port), start(tmp_path, dataset, "rank1", 1, 2, port, **extra)]
+
+
+@pytest.fixture
+def dataset(tiny_dataset):
+    return tiny_dataset / "text"
+
+
+def test_a_prefix_that_vanishes_between_the_ranks_scans_does_not_fail_the_run(dataset, tmp_path):
+    # A run holding the lowest free prefix exits (cleanly: its segments vanish) after the new run's rank 0 started
+    # up but before its rank 1 did. Streaming's own scan then has rank 1 guess another prefix than its leader's.
+    holder = start(tmp_path, dataset, "holder", HOLD="1")
+    wait_file(tmp_path / "holder.prefix", [holder])
+    held = int((tmp_path / "holder.prefix").read_text())
+    ranks = two_ranks(tmp_path, dataset, rank1_waits_for="holder.gone")
+    wait_file(tmp_path / "rank0.building", ranks + [holder])
+    wait_file(tmp_path / "rank1.building", ranks + [holder])
+    time.sleep(3)  # rank 0 has chosen its prefix (held was taken then) and waits for rank 1
+    (tmp_path / "holder.exit").touch()
+    finish(holder, tmp_path, "holder")
+    assert not segments(held), "the holder's clean exit unlinks its segments"
+    (tmp_path / "holder.gone").touch()
+    for name, proc in zip(("rank0", "rank1"), ranks):
+        finish(proc, tmp_path, name)
+    assert (tmp_path / "rank0.prefix").read_text() == (tmp_path / "rank1.prefix").read_text()
+
+
+def test_a_killed_runs_segments_go_and_a_live_runs_stay(dataset, tmp_path):
+    live = start(tmp_path, dataset, "holder", HOLD="1")
+    wait_file(tmp_path / "holder.prefix", [live])
+    live_prefix = int((tmp_path / "holder.prefix").read_text())
+    live_segments = segments(live_prefix)
+    dead = start(tmp_path, dataset, "dead", HOLD="1")
+    wait_file(tmp_path / "dead.prefix", [dead, live])
+    dead_prefix = int((tmp_path / "dead.prefix").read_text())
+    dead_segments = segments(dead_prefix)
+    os.killpg(dead.pid, signal.SIGKILL)  # with its resource tracker: nothing unlinks its segments
+    dead.wait()
+    assert segments(dead_prefix) == dead_segments and (tmp_path / f"{dead_prefix:06}_barrier_filelock").exists()
+    time.sleep(shared_memory.MIN_AGE_S + 0.5)
+
+    ranks = two_ranks(tmp_path, dataset)
+    for name, proc in zip(("rank0", "rank1"), ranks):
+        finish(proc, tmp_path, name)
+    ours = int((tmp_path / "rank0.prefix").read_text())
+    assert segments(live_prefix) == live_segments, "a live run's segments are untouched"
+    left = segments(dead_prefix)
+    assert not set(left.items()) & set(dead_segments.items()), f"the killed run's segments are still there: {left}"
+    assert not (tmp_path / f"{dead_prefix:06}_barrier_filelock").exists()
+    assert not segments(ours), "our clean exit unlinks our segments"
+    assert not list(tmp_path.glob(f"{ours:06}_*_filelock")), "our clean exit removes our lock files"
+    (tmp_path / "holder.exit").touch()
+    finish(live, tmp_path, "holder")  # the live run still reads its dataset and exits cleanly
+
+
+def test_remove_dead_prefixes_spares_files_in_use_and_fresh_ones(tmp_path):
+    prefix = 999_000 + os.getpid() % 999
+    paths = [Path(shared_memory.SHM_DIR) / f"{prefix:06}_{n}" for n in ("locals", "barrier")]
+    for p in paths:
+        p.write_bytes(b"\0" * 8)
+    try:
+        assert prefix not in shared_memory.remove_dead_prefixes(str(tmp_path)), "created just now: may be live"
+        time.sleep(shared_memory.MIN_AGE_S + 0.2)
+        with open(paths[1], "rb"):  # held open by a live process (this one)
+            assert prefix not in shared_memory.remove_dead_prefixes(str(tmp_path))
+            assert all(p.exists() for p in paths)
+        assert prefix in shared_memory.remove_dead_prefixes(str(tmp_path))
+        assert not any(p.exists() for p in paths)
+    finally:
+        for p in paths:
+            p.unlink(missing_ok=True)
