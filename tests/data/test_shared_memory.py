@@ -1,6 +1,6 @@
 """Streaming's shared-memory prefix (latentlm_mcore/data/shared_memory.py), with real StreamingDatasets in real
-processes (2 local ranks over gloo, as torchrun starts them): segments that vanish between the ranks' start-up
-(a previous generation exiting) no longer make the run fail; a SIGKILLed run's segments and locks are removed
+processes (2 local ranks over gloo, as torchrun starts them): segments that appear and vanish while the ranks
+start up (generations starting and dying) no longer make the run fail; a SIGKILLed run's segments and locks are removed
 by the next run while a concurrently live run's stay untouched and keep working; a clean exit leaves nothing."""
 import os
 import signal
@@ -27,11 +27,11 @@ RANK_SCRIPT = textwrap.dedent("""
         dist.init_process_group("gloo")
     streaming = import_streaming()
     (ctl / f"{name}.building").touch()
-    while os.environ.get("WAIT_FOR") and not (ctl / os.environ["WAIT_FOR"]).exists():
-        time.sleep(0.05)
-    ds = streaming.StreamingDataset(streams=[streaming.Stream(local=dataset)], batch_size=1, num_canonical_nodes=1)
+    built = [streaming.StreamingDataset(streams=[streaming.Stream(local=dataset)], batch_size=1,
+                                        num_canonical_nodes=1) for _ in range(int(os.environ.get("BUILDS", 1)))]
+    ds = built[-1]
     ds[0]
-    (ctl / f"{name}.prefix").write_text(str(ds._shm_prefix_int))
+    (ctl / f"{name}.prefix").write_text(" ".join(str(d._shm_prefix_int) for d in built))
     while os.environ.get("HOLD") and not (ctl / f"{name}.exit").exists():
         time.sleep(0.05)
     ds[len(ds) - 1]
@@ -71,10 +71,9 @@ def segments(prefix: int) -> dict:
     return {p.name: p.stat().st_ino for p in Path(shared_memory.SHM_DIR).glob(f"{prefix:06}_*")}
 
 
-def two_ranks(tmp_path, dataset, rank1_waits_for=None):
+def two_ranks(tmp_path, dataset, **env):
     port = free_port()
-    extra = {"WAIT_FOR": rank1_waits_for} if rank1_waits_for else {}
-    return [start(tmp_path, dataset, "rank0", 0, 2, port), start(tmp_path, dataset, "rank1", 1, 2, port, **extra)]
+    return [start(tmp_path, dataset, "rank0", 0, 2, port, **env), start(tmp_path, dataset, "rank1", 1, 2, port, **env)]
 
 
 @pytest.fixture
@@ -82,22 +81,42 @@ def dataset(tiny_dataset):
     return tiny_dataset / "text"
 
 
-def test_a_prefix_that_vanishes_between_the_ranks_scans_does_not_fail_the_run(dataset, tmp_path):
-    # A run holding the lowest free prefix exits (cleanly: its segments vanish) after the new run's rank 0 started
-    # up but before its rank 1 did. Streaming's own scan then has rank 1 guess another prefix than its leader's.
-    holder = start(tmp_path, dataset, "holder", HOLD="1")
-    wait_file(tmp_path / "holder.prefix", [holder])
-    held = int((tmp_path / "holder.prefix").read_text())
-    ranks = two_ranks(tmp_path, dataset, rank1_waits_for="holder.gone")
-    wait_file(tmp_path / "rank0.building", ranks + [holder])
-    wait_file(tmp_path / "rank1.building", ranks + [holder])
-    time.sleep(3)  # rank 0 has chosen its prefix (held was taken then) and waits for rank 1
-    (tmp_path / "holder.exit").touch()
-    finish(holder, tmp_path, "holder")
-    assert not segments(held), "the holder's clean exit unlinks its segments"
-    (tmp_path / "holder.gone").touch()
-    for name, proc in zip(("rank0", "rank1"), ranks):
-        finish(proc, tmp_path, name)
+CHURN_SCRIPT = textwrap.dedent("""
+    import os, random, sys, time
+    from multiprocessing.shared_memory import SharedMemory
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    # Runs that start and die at the lowest free prefix, as generations relaunched after SIGKILLs do.
+    stop = sys.argv[1]
+    while not os.path.exists(stop):
+        prefix = next(p for p in range(10**6) if not os.path.exists(f"/dev/shm/{p:06}_locals"))
+        made = []
+        for name in SHM_TO_CLEAN:
+            try:
+                made.append(SharedMemory(f"{prefix:06}_{name}", True, 8))
+            except FileExistsError:
+                pass
+        time.sleep(random.random() * 0.003)
+        for shm in made:
+            shm.close()
+            shm.unlink()
+        time.sleep(random.random() * 0.003)
+""")
+
+
+def test_segments_that_come_and_go_during_start_up_do_not_fail_the_run(dataset, tmp_path):
+    # Streaming's own scan has each local rank guess the prefix; with segments appearing and vanishing meanwhile,
+    # rank 1 guesses another one than its leader registered and the run dies ("does not match local leader").
+    (tmp_path / "churn.py").write_text(CHURN_SCRIPT)
+    churn = subprocess.Popen([sys.executable, str(tmp_path / "churn.py"), str(tmp_path / "churn.stop")],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        ranks = two_ranks(tmp_path, dataset, BUILDS="30")
+        for name, proc in zip(("rank0", "rank1"), ranks):
+            finish(proc, tmp_path, name)
+    finally:
+        (tmp_path / "churn.stop").touch()
+        churn.wait(timeout=60)
     assert (tmp_path / "rank0.prefix").read_text() == (tmp_path / "rank1.prefix").read_text()
 
 
