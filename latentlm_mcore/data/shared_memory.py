@@ -111,15 +111,39 @@ def remove_dead_prefixes(lock_dir: str | None = None, min_age_s: float = MIN_AGE
     return removed
 
 
+def first_free_prefix(streams_local: list[str], streams_remote: list, lock_dir: str) -> int:
+    """The lowest prefix with no segment and no lock file; ValueError if a registered prefix has one of our
+    remote streams' cache directories. Streaming's own scan attaches to every segment it passes and keeps
+    them open until exit, which pins every prefix a process ever saw as in use; this one only reads files."""
+    from streaming.base.shared.prefix import _unpack_locals
+
+    shm_names, lock_names = _streaming_names()
+    for prefix in range(10**6):
+        if any(os.path.exists(os.path.join(lock_dir, f"{prefix:06}_{n}")) for n in lock_names):
+            continue
+        present = [n for n in shm_names if os.path.exists(os.path.join(SHM_DIR, f"{prefix:06}_{n}"))]
+        if not present:
+            return prefix
+        if "locals" in present and any(streams_remote):
+            try:
+                with open(os.path.join(SHM_DIR, f"{prefix:06}_locals"), "rb") as f:
+                    their_locals, _ = _unpack_locals(f.read())
+            except Exception:  # unreadable or half-written: taken, whatever it holds
+                continue
+            reused = [loc for loc, remote in zip(streams_local, streams_remote) if remote and loc in their_locals]
+            if reused:
+                raise ValueError(f"cache directories {reused} are in use by another live run (shared-memory prefix "
+                                 f"{prefix}); give this run another cache directory")
+    raise RuntimeError(f"no free streaming shared-memory prefix in {SHM_DIR}")
+
+
 def _claim_prefix(streams_local: list[str], streams_remote: list) -> tuple[int, object]:
     """Local leader: remove dead prefixes, then register the lowest free prefix with our locals."""
     from streaming.base.constant import LOCALS
     from streaming.base.shared import SharedMemory
-    from streaming.base.shared.prefix import _check_and_find_retrying, _check_self, _get_path, _pack_locals
+    from streaming.base.shared.prefix import _check_self, _get_path, _pack_locals
 
     _check_self(streams_local)
-    shm_names, _ = _streaming_names()
-    data = _pack_locals(streams_local, 0)
     deadline, last = time.monotonic() + CLAIM_TIMEOUT_S, None
     fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -128,8 +152,7 @@ def _claim_prefix(streams_local: list[str], streams_remote: list) -> tuple[int, 
             try:
                 remove_dead_prefixes()
                 try:
-                    prefix = max(_check_and_find_retrying(streams_local, streams_remote, name, retry=0)
-                                 for name in shm_names)
+                    prefix = first_free_prefix(streams_local, streams_remote, gettempdir())
                 except ValueError as e:  # our cache directory is registered by a live run (or one dying now)
                     last = e
                 else:
