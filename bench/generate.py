@@ -33,6 +33,11 @@ def build_model(args) -> LatentLMForCausalLM:
         num_attention_heads=args.hidden // 32, num_key_value_heads=args.hidden // 32, head_dim=32,
         max_position_embeddings=args.latents + 8, latent_dim=32, head_layers=3, bod_token_id=1000,
         eod_token_id=1001, latent_token_id=1002, end_of_document_token_id=1003, latents_per_image=args.latents)
+    return random_model(config)
+
+
+def random_model(config: LatentLMHFConfig) -> LatentLMForCausalLM:
+    """A seeded random model whose diffusion head is not the zero map of its AdaLN-Zero init."""
     torch.manual_seed(0)
     model = LatentLMForCausalLM(config).eval()
     with torch.no_grad():  # AdaLN-Zero would make every latent exactly zero: give the head some weights

@@ -32,6 +32,9 @@ from latentlm_mcore.hf.configuration_latentlm import LatentLMHFConfig  # noqa: E
 from latentlm_mcore.hf.modeling_latentlm import LatentLMForCausalLM  # noqa: E402
 from latentlm_mcore.inference.generation import SamplingConfig, generate  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import random_model  # noqa: E402  (bench/generate.py: the same random LatentLM)
+
 NUM_CLASSES = 1000  # ImageNet; id 1000 is DiT's null class and LatentLM's first special token
 CFG_SCALE = 1.65
 HEAD_DIM = 64
@@ -45,12 +48,7 @@ def latentlm_model(args) -> LatentLMForCausalLM:
         max_position_embeddings=args.grid ** 2 + 8, latent_dim=args.latent_dim, head_layers=3,
         bod_token_id=1000, eod_token_id=1001, latent_token_id=1002, end_of_document_token_id=1003,
         latents_per_image=args.grid ** 2)
-    torch.manual_seed(0)
-    model = LatentLMForCausalLM(config).eval()
-    with torch.no_grad():  # AdaLN-Zero would make every latent exactly zero: give the head some weights
-        for p in model.diffusion_head.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
+    return random_model(config)
 
 
 def dit_model(args, num_layers: int):

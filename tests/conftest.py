@@ -109,6 +109,18 @@ def tiny_raw_documents(image_root: Path, n_text=30, n_pair=30, n_interleaved=16,
     return docs
 
 
+@pytest.fixture(scope="module")
+def world():
+    """megatron's parallel state over a gloo world of one process (this one), for a test module."""
+    from latentlm_mcore.config import ParallelConfig
+    from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    init_distributed(ParallelConfig(), seed=0)
+    yield
+    shutdown_distributed()
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """Real MDS shards made by the real preprocessing (cl100k tokenizer, a tiny random sigma-VAE with

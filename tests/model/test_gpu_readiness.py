@@ -2,29 +2,17 @@
 diffusion head) are created on the device megatron builds its layers on, so their TP broadcast runs there
 (an NCCL group broadcasts CUDA tensors only); fusions are asked for only where their kernels import;
 a model loaded for inference sits on one device."""
-import os
 import sys
 import types
 
-import pytest
 import torch
 
 from latentlm_mcore.config import ModelConfig, ParallelConfig
 from latentlm_mcore.model import available_fusions, build_model, local_block_spec, transformer_config
 from latentlm_mcore.model import latentlm as latentlm_module
-from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from tests.conftest import free_port
 
 MODEL = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=128,
                     seq_length=16, latent_dim=4, head_layers=1)
-
-
-@pytest.fixture(scope="module")
-def world():
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_distributed(ParallelConfig(), seed=0)
-    yield
-    shutdown_distributed()
 
 
 def test_init_device_follows_use_cpu_initialization(monkeypatch):

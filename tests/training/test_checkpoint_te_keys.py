@@ -2,7 +2,6 @@
 Transformer Engine's `_extra_state` (FP8 scaling state), which the checkpoint does not hold; a real
 weight missing from the checkpoint is still an error."""
 import io
-import os
 
 import pytest
 import torch
@@ -10,8 +9,6 @@ import torch
 from latentlm_mcore.config import ModelConfig, ParallelConfig
 from latentlm_mcore.model import build_model, local_block_spec, transformer_config
 from latentlm_mcore.training.checkpoint import drop_absent_extra_state, load_model, model_sharded_state_dict, save_model
-from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from tests.conftest import free_port
 
 MODEL = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4, vocab_size=128,
                     seq_length=16, latent_dim=4, head_layers=1)
@@ -29,14 +26,6 @@ class TEExtraState(torch.nn.Module):
 
     def set_extra_state(self, state):
         self.loaded = state
-
-
-@pytest.fixture(scope="module")
-def world():
-    os.environ["MASTER_PORT"] = str(free_port())
-    init_distributed(ParallelConfig(), seed=0)
-    yield
-    shutdown_distributed()
 
 
 def build():
