@@ -122,37 +122,45 @@ def test_segments_that_come_and_go_during_start_up_do_not_fail_the_run(dataset, 
 
 def test_a_killed_runs_segments_go_and_a_live_runs_stay(dataset, tmp_path):
     live = start(tmp_path, dataset, "holder", HOLD="1")
-    wait_file(tmp_path / "holder.prefix", [live])
-    live_prefix = int((tmp_path / "holder.prefix").read_text())
-    live_segments = segments(live_prefix)
-    dead = start(tmp_path, dataset, "dead", HOLD="1")
-    wait_file(tmp_path / "dead.prefix", [dead, live])
-    dead_prefix = int((tmp_path / "dead.prefix").read_text())
-    dead_segments = segments(dead_prefix)
-    os.killpg(dead.pid, signal.SIGKILL)  # with its resource tracker: nothing unlinks its segments
-    dead.wait()
-    assert segments(dead_prefix) == dead_segments
-    (tmp_path / f"{dead_prefix:06}_barrier_filelock").touch()  # the lock an iterating run leaves too
-    time.sleep(shared_memory.MIN_AGE_S + 0.5)
+    procs = [live]
+    try:
+        wait_file(tmp_path / "holder.prefix", [live])
+        live_prefix = int((tmp_path / "holder.prefix").read_text())
+        live_segments = segments(live_prefix)
+        dead = start(tmp_path, dataset, "dead", HOLD="1")
+        procs.append(dead)
+        wait_file(tmp_path / "dead.prefix", [dead, live])
+        dead_prefix = int((tmp_path / "dead.prefix").read_text())
+        dead_segments = segments(dead_prefix)
+        os.killpg(dead.pid, signal.SIGKILL)  # with its resource tracker: nothing unlinks its segments
+        dead.wait()
+        assert segments(dead_prefix) == dead_segments
+        (tmp_path / f"{dead_prefix:06}_barrier_filelock").touch()  # the lock an iterating run leaves too
+        time.sleep(shared_memory.MIN_AGE_S + 0.5)
 
-    ranks = two_ranks(tmp_path, dataset)
-    for name, proc in zip(("rank0", "rank1"), ranks):
-        finish(proc, tmp_path, name)
-    ours = int((tmp_path / "rank0.prefix").read_text())
-    assert segments(live_prefix) == live_segments, "a live run's segments are untouched"
-    # The killed run's files are gone, unless a live process holds them: streaming 0.13's own scan (another
-    # run on this host) attaches to every segment it passes and keeps it until it exits.
-    held = shared_memory.paths_in_use()
-    left = {n for n, ino in segments(dead_prefix).items() if dead_segments.get(n) == ino}
-    left |= {n for n in [f"{dead_prefix:06}_barrier_filelock"] if (tmp_path / n).exists()}
-    unheld = [n for n in left if f"{shared_memory.SHM_DIR}/{n}" not in held and str(tmp_path / n) not in held]
-    assert not (unheld and not any(f"{shared_memory.SHM_DIR}/{n}" in held for n in left)), \
-        f"the killed run's files are still there, held by nobody: {sorted(left)}"
-    assert not segments(ours), "our clean exit unlinks our segments"
-    assert not list(tmp_path.glob(f"{ours:06}_*_filelock")), "our clean exit removes our lock files"
-    (tmp_path / "holder.exit").touch()
-    finish(live, tmp_path, "holder")  # the live run still reads its dataset and exits cleanly
-
+        ranks = two_ranks(tmp_path, dataset)
+        procs += ranks
+        for name, proc in zip(("rank0", "rank1"), ranks):
+            finish(proc, tmp_path, name)
+        ours = int((tmp_path / "rank0.prefix").read_text())
+        assert segments(live_prefix) == live_segments, "a live run's segments are untouched"
+        # The killed run's files are gone, unless a live process holds them: streaming 0.13's own scan (another
+        # run on this host) attaches to every segment it passes and keeps it until it exits.
+        held = shared_memory.paths_in_use()
+        left = {n for n, ino in segments(dead_prefix).items() if dead_segments.get(n) == ino}
+        left |= {n for n in [f"{dead_prefix:06}_barrier_filelock"] if (tmp_path / n).exists()}
+        unheld = [n for n in left if f"{shared_memory.SHM_DIR}/{n}" not in held and str(tmp_path / n) not in held]
+        assert not (unheld and not any(f"{shared_memory.SHM_DIR}/{n}" in held for n in left)), \
+            f"the killed run's files are still there, held by nobody: {sorted(left)}"
+        assert not segments(ours), "our clean exit unlinks our segments"
+        assert not list(tmp_path.glob(f"{ours:06}_*_filelock")), "our clean exit removes our lock files"
+        (tmp_path / "holder.exit").touch()
+        finish(live, tmp_path, "holder")  # the live run still reads its dataset and exits cleanly
+    finally:  # a failed assertion must not leave the holders running
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 def test_remove_dead_prefixes_spares_files_in_use_and_fresh_ones(tmp_path):
     prefix = 999_000 + os.getpid() % 999
