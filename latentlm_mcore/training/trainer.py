@@ -115,8 +115,8 @@ class DataStream:
         self.loader = None
         self.random_batches_served = 0
         if root is not None:
-            from latentlm_mcore.data.mixture import (LoaderConfig, MixtureConfig, PackedLoader, StreamMixture,
-                                                     parse_proportions)
+            from latentlm_mcore.data.loader import LoaderConfig, PackedLoader
+            from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture, parse_proportions
 
             cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
             mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache, unit=run.mixture_unit,
@@ -210,24 +210,25 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
         shutdown_distributed()
         raise
 
+    if torch.distributed.get_rank() == 0:
+        print(describe_pretrain(cfg, run, machine, world_size, peak_description), flush=True)
+
     def may_publish():
         check_launcher()
         if lease is not None:
             lease.check()
 
     try:
-        return _train(cfg, run, may_publish, describe_pretrain(cfg, run, machine, world_size, peak_description), peak)
+        return _train(cfg, run, may_publish, peak)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, start_line: str, peak) -> dict:
+def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, peak) -> dict:
     t, p = cfg.train, cfg.parallel
     preempt = PreemptionFlag()
     rank0 = torch.distributed.get_rank() == 0
-    if rank0:
-        print(start_line, flush=True)
     dp = parallel_state.get_data_parallel_world_size()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
 
