@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from latentlm_mcore.data.mixture import LoaderConfig, MixtureConfig, PackedLoader, StreamMixture
+from latentlm_mcore.data.loader import LoaderConfig, PackedLoader
+from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dataloader.json")
 WORDS = ("the of and to in is was for on that with as by at from his her an which be this are have "

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from latentlm_mcore.data.mixture import DocumentReader, LoaderConfig, MixtureConfig, PackedLoader, StreamMixture
+from latentlm_mcore.data.loader import DocumentReader, LoaderConfig, PackedLoader
+from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture
 from latentlm_mcore.data.packing import BATCH_FIELDS
 from latentlm_mcore.data.preprocess import document_tokens, load_image
 from latentlm_mcore.data.schema import RawDocument, read_manifest
@@ -261,7 +262,7 @@ def test_pairs_are_emitted_both_ways(dataset, cache_dir):
     assert all(DocumentReader(mix, 0.0, image_first_share=1.0)[g].tokens[0] == ids.bod
                for g in range(mix.epoch_size) if mix.source_of(mix.sample_id(g)) == "pair")
     # a pair stored image-first (like the demo corpus's image -> caption documents) is turned round too
-    from latentlm_mcore.data.mixture import _orient_pair
+    from latentlm_mcore.data.loader import _orient_pair
     stored = np.array([ids.bod, ids.latent, ids.latent, ids.eod, 7, 8, ids.end_of_document], np.int32)
     assert _orient_pair(stored, ids, image_first=False).tolist() == [7, 8, ids.bod, ids.latent, ids.latent, ids.eod,
                                                                      ids.end_of_document]
