@@ -189,3 +189,37 @@ class DirectoryLease:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def lease_on_rank0(directory: str, wait: float = 0.0) -> DirectoryLease | None:
+    """The lease on `directory` for a distributed run: rank 0 takes it, and every rank of the default process
+    group (when one is up) learns the outcome from one all-reduce, so all refuse together instead of rank 0
+    alone. Returns the lease on rank 0, None elsewhere; raises LeaseHeld (rank 0: its own error) on refusal."""
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    lease, error = None, None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            lease = DirectoryLease(directory, wait=wait).acquire()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            error = e
+    if distributed:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        ok = torch.tensor([0.0 if error else 1.0], device=device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if error is None and not ok.item():
+            raise LeaseHeld(f"{directory}: rank 0 could not take the directory's lease (see its error)")
+    if error is not None:
+        raise error
+    return lease
+
+
+def check_may_publish(lease: DirectoryLease | None) -> None:
+    """Raise instead of publishing a checkpoint when this rank's launcher died or the lease was taken over."""
+    from latentlm_mcore.runtime.watchdog import check_launcher
+
+    check_launcher()
+    if lease is not None:
+        lease.check()

@@ -24,8 +24,7 @@ from megatron.core.transformer.module import Float16Module
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
 from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
-from latentlm_mcore.runtime.lease import DirectoryLease, LeaseHeld
-from latentlm_mcore.runtime.watchdog import check_launcher
+from latentlm_mcore.runtime.lease import LeaseHeld, check_may_publish, lease_on_rank0
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                 shield_checkpoint_writer_from_signals)
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
@@ -174,24 +173,6 @@ class CountingIterator:
         return batch
 
 
-def hold_save_directory(run: RunConfig) -> DirectoryLease | None:
-    """Rank 0 takes the lease on `run.save` (waiting up to run.lease_wait s); every rank learns the
-    outcome from one all-reduce, so all refuse together. Returns the lease on rank 0, None elsewhere."""
-    lease, error = None, None
-    if torch.distributed.get_rank() == 0:
-        try:
-            lease = DirectoryLease(run.save, wait=run.lease_wait).acquire()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
-            error = e
-    ok = torch.tensor([0.0 if error else 1.0], device="cuda" if torch.cuda.is_available() else "cpu")
-    torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    if error is not None:
-        raise error
-    if not ok.item():
-        raise LeaseHeld(f"{run.save}: rank 0 could not take the directory's lease (see its error)")
-    return lease
-
-
 def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
     summary: final iteration, why it stopped, the last logged metrics."""
@@ -205,7 +186,7 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     peak, peak_description = device_peak_tflops(run.peak_tflops, "fp8" if run.fp8 else "bf16")
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     try:
-        lease = hold_save_directory(run)
+        lease = lease_on_rank0(run.save, wait=run.lease_wait)
     except LeaseHeld:
         shutdown_distributed()
         raise
@@ -214,9 +195,7 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
         print(describe_pretrain(cfg, run, machine, world_size, peak_description), flush=True)
 
     def may_publish():
-        check_launcher()
-        if lease is not None:
-            lease.check()
+        check_may_publish(lease)
 
     try:
         return _train(cfg, run, may_publish, peak)

@@ -28,8 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from latentlm_mcore.runtime.lease import DirectoryLease, LeaseHeld
-from latentlm_mcore.runtime.watchdog import check_launcher
+from latentlm_mcore.runtime.lease import check_may_publish, lease_on_rank0
 from latentlm_mcore.training.preflight import check_sigma_vae, describe_sigma_vae, probe_machine
 from latentlm_mcore.training.ranks import rank_and_world_from_env
 from latentlm_mcore.vae.config import SigmaVAEConfig
@@ -227,9 +226,9 @@ class SigmaVAETrainer:
         each atomically, so a crash at any point leaves the previous good files in place."""
         if self.is_main:
             self.latent_stats = self.latent_statistics()
-            self._check_may_publish()
+            check_may_publish(self.lease)
             save_sigma_vae(self.export_path, self.vae, self.latent_stats)
-            self._check_may_publish()
+            check_may_publish(self.lease)
             atomic_torch_save({
                 "model_config": asdict(self.model_cfg),
                 "train_config": asdict(self.cfg),
@@ -353,7 +352,7 @@ class SigmaVAETrainer:
     def train(self) -> dict:
         """Train up to `max_steps` (continuing a resumed run); returns the last eval metrics (or {})."""
         cfg = self.cfg
-        self.lease = self._hold_out_dir()
+        self.lease = lease_on_rank0(self.cfg.out_dir, wait=self.cfg.lease_wait)
         sampler = InfiniteDistributedSampler(len(self.train_set), self.rank, self.world_size, cfg.seed,
                                              start=self.step * cfg.batch_size)
         loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -424,27 +423,6 @@ class SigmaVAETrainer:
         t = torch.tensor([float(f) for f in flags], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [bool(v) for v in t.tolist()]
-
-    def _hold_out_dir(self) -> DirectoryLease | None:
-        """Rank 0 takes the lease on out_dir; every rank learns whether it got it, and all refuse together."""
-        lease, refused = None, None
-        if self.is_main:
-            try:
-                lease = DirectoryLease(self.cfg.out_dir, wait=self.cfg.lease_wait).acquire()
-            except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
-                refused = e
-        (any_refused,) = self._any_rank(refused is not None)
-        if refused is not None:
-            raise refused
-        if any_refused:
-            raise LeaseHeld(f"{self.cfg.out_dir}: rank 0 could not take the directory's lease (see its error)")
-        return lease
-
-    def _check_may_publish(self) -> None:
-        """Raise instead of replacing a file when the launcher died or the lease was taken over."""
-        check_launcher()
-        if self.lease is not None:
-            self.lease.check()
 
     def close(self) -> None:
         if self._tensorboard is not None:
