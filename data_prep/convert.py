@@ -15,7 +15,7 @@ import glob
 import json
 from collections import Counter
 
-from latentlm_mcore.data import convert
+from latentlm_mcore.data.prep import convert
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ to <out>/images), <out>/images/{train,heldout}.jsonl (image lists for σ-VAE tra
 import argparse
 import json
 
-from latentlm_mcore.data.demo_corpus import DemoCorpusConfig, build_demo_corpus
+from latentlm_mcore.demo.corpus import DemoCorpusConfig, build_demo_corpus
 
 
 def main(argv=None):

@@ -127,7 +127,7 @@ def tiny_dataset(tmp_path_factory):
     16 latents of dim 16 per image) from `tiny_raw_documents`. Returns the dataset folder."""
     import torch
 
-    from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+    from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
     from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAE, save_sigma_vae
 
     root = tmp_path_factory.mktemp("tiny_dataset")

@@ -1,4 +1,4 @@
-"""Quality report of the quickstart model (latentlm_mcore/quality.py): do generated digits show the digit
+"""Quality report of the quickstart model (latentlm_mcore/demo/quality.py): do generated digits show the digit
 their caption asks for, do generated captions name the digit in the image, and how far the held-out text loss
 fell from initialisation.
 
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
 install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
 
-from latentlm_mcore import quality  # noqa: E402
+from latentlm_mcore.demo import quality  # noqa: E402
 
 
 def main(argv=None):

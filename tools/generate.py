@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 
 def load_images(paths: list[str], size: int) -> torch.Tensor:
-    from latentlm_mcore.data.preprocess import load_image
+    from latentlm_mcore.data.prep.preprocess import load_image
 
     arrays = []
     for path in paths:

@@ -16,7 +16,7 @@ import os
 
 from latentlm_mcore.runtime.logs import install_warning_filters
 install_warning_filters()  # first: known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
-from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part  # noqa: E402
+from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part  # noqa: E402
 
 
 def main(argv=None):

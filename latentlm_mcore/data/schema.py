@@ -29,6 +29,8 @@ import json
 import os
 from dataclasses import dataclass
 
+import numpy as np
+
 SOURCES = ("text", "pair", "interleaved")
 MDS_COLUMNS = {"tokens": "ndarray:int32", "latents": "bytes", "doc_id": "str", "source": "str"}
 MANIFEST_NAME = "manifest.json"
@@ -45,6 +47,26 @@ IMAGE_TRUNCATED = "image_truncated"
 IMAGE_TOO_LARGE = "image_too_large"
 REJECT_REASONS = (INVALID_JSON, INVALID_SCHEMA, EMPTY_DOCUMENT, DUPLICATE_ID, IMAGE_MISSING,
                   IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE)
+
+
+@dataclass
+class SpecialIds:
+    bod: int
+    eod: int
+    latent: int
+    end_of_document: int
+    pad: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "SpecialIds":
+        ids = manifest["tokenizer"]["special_ids"]
+        return cls(bod=ids["<BOD>"], eod=ids["<EOD>"], latent=ids["<LATENT>"],
+                   end_of_document=ids["<END_OF_DOCUMENT>"], pad=ids["<PAD>"])
+
+
+def image_runs(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
+    """(<BOD>, <EOD>) positions of each image run of a document's ids, int32 [r, 2]."""
+    return np.stack([np.flatnonzero(tokens == ids.bod), np.flatnonzero(tokens == ids.eod)], 1).astype(np.int32)
 
 
 class RejectedDocument(Exception):
@@ -114,13 +136,13 @@ def _validate(doc_id: str, obj: dict) -> RawDocument:
 
 
 def encode_latents(latents) -> bytes:
-    import numpy as np
+
 
     return np.ascontiguousarray(latents, dtype="<f2").tobytes()
 
 
 def decode_latents(data: bytes, latent_dim: int):
-    import numpy as np
+
 
     return np.frombuffer(data, dtype="<f2").reshape(-1, latent_dim)
 

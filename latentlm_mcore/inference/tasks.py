@@ -5,7 +5,7 @@ A `Generator` bundles what a task needs: a `Decoder`, the special tokens, a toke
 `decode`). `from_hf_folder` builds it from an exported folder (KV-cached), `from_megatron` from a
 Megatron checkpoint (any TP/PP, loaded at TP=1 in this process; megatron's static KV cache).
 
-Prompts follow the training data's document layout (latentlm_mcore/data/preprocess.py): a document
+Prompts follow the training data's document layout (latentlm_mcore/data/prep/preprocess.py): a document
 starts after `<END_OF_DOCUMENT>`, an image is `<BOD>` + latents + `<EOD>`.
 """
 from __future__ import annotations

@@ -60,7 +60,7 @@ def mixture_latent_fraction(dataset_roots: str | list[str], proportions: dict, u
     """The share of tokens that are latents in the mixture the loader draws from these preprocessed
     datasets (their manifests' per-source token and latent counts, the loader's `document_weights`)."""
     from latentlm_mcore.data import schema
-    from latentlm_mcore.data.mixture import document_weights, expected_latent_fraction, source_statistics
+    from latentlm_mcore.data.loader.mixture import document_weights, expected_latent_fraction, source_statistics
 
     roots = [dataset_roots] if isinstance(dataset_roots, str) else list(dataset_roots)
     statistics = source_statistics([schema.read_manifest(r) for r in roots])

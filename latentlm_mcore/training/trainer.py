@@ -114,8 +114,8 @@ class DataStream:
         self.loader = None
         self.random_batches_served = 0
         if root is not None:
-            from latentlm_mcore.data.loader import LoaderConfig, PackedLoader
-            from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture, parse_proportions
+            from latentlm_mcore.data.loader.packed import LoaderConfig, PackedLoader
+            from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture, parse_proportions
 
             cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
             mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache, unit=run.mixture_unit,

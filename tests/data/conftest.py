@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex "
          "jovial bakers near the old mill by the river").split()

@@ -64,8 +64,8 @@ def test_plan_and_loader_agree_on_the_mixture(tiny_dataset, tmp_path, monkeypatc
 
     import numpy as np
 
-    from latentlm_mcore.data.loader import LoaderConfig, PackedLoader
-    from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture
+    from latentlm_mcore.data.loader.packed import LoaderConfig, PackedLoader
+    from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture
     from latentlm_mcore.training.plan import mixture_latent_fraction
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))

@@ -1,6 +1,6 @@
 import numpy as np
 
-from latentlm_mcore.data.packing import (BATCH_FIELDS, IMAGE_RUN_TOO_LONG, PackableDocument, SpecialIds, collate,
+from latentlm_mcore.data.loader.packing import (BATCH_FIELDS, IMAGE_RUN_TOO_LONG, PackableDocument, SpecialIds, collate,
                                          pack_documents)
 
 IDS = SpecialIds(bod=1000, eod=1001, latent=1002, end_of_document=1003, pad=1004)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.packing import SpecialIds, image_runs
+from latentlm_mcore.data.schema import SpecialIds, image_runs
 from latentlm_mcore.data.schema import RejectedDocument
 from latentlm_mcore.data.streaming_compat import import_streaming
 from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file

@@ -1,4 +1,4 @@
-"""The bundled demo corpus (latentlm_mcore/data/demo_corpus.py): real digits and stdlib prose, valid raw JSONL,
+"""The bundled demo corpus (latentlm_mcore/demo/corpus.py): real digits and stdlib prose, valid raw JSONL,
 disjoint splits, captions that match the digits, deterministic bytes, and preprocessing that rejects nothing."""
 import hashlib
 import json
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.demo_corpus import (DIGIT_WORDS, DemoCorpusConfig, build_demo_corpus, caption_label,
+from latentlm_mcore.demo.corpus import (DIGIT_WORDS, DemoCorpusConfig, build_demo_corpus, caption_label,
                                              digit_caption, docstring_paragraphs, is_prose)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_prep.convert import main as convert_cli
-from latentlm_mcore.data import convert
-from latentlm_mcore.data.preprocess import PreprocessConfig, load_image, merge_parts, preprocess_part
+from latentlm_mcore.data.prep import convert
+from latentlm_mcore.data.prep.preprocess import PreprocessConfig, load_image, merge_parts, preprocess_part
 from latentlm_mcore.data.schema import parse_raw_line
 
 

@@ -13,9 +13,10 @@ import numpy as np
 
 from latentlm_mcore.data import schema
 
-from .conftest import make_documents, write_jsonl
+from tests.conftest import REPO as _REPO
+from tests.data.conftest import make_documents, write_jsonl
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(_REPO)
 
 
 def _job_fields(env, job_id):

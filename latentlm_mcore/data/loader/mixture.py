@@ -1,5 +1,5 @@
 """The training data stream: a weighted mixture of MDS datasets, read as one global sequence of
-documents (`data/loader.py` packs it into the sequences data-parallel ranks take by index).
+documents (`data/loader/packed.py` packs it into the sequences data-parallel ranks take by index).
 
 `StreamMixture` is mosaicml-streaming's `StreamingDataset` over one `Stream` per source. The mixture
 ratio (default text : pairs : interleaved = 2 : 1 : 1) is a share of *tokens* by default: each source's
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.packing import SpecialIds
+from latentlm_mcore.data.schema import SpecialIds
 from latentlm_mcore.data.streaming_compat import import_streaming
 
 DEFAULT_PROPORTIONS = {"text": 2.0, "pair": 1.0, "interleaved": 1.0}
@@ -137,7 +137,7 @@ class StreamMixture:
         self.ids = SpecialIds.from_manifest(self.manifest)
         self.latent_dim = dim
         # each document's length and image runs (preprocessing's layout index), where the dataset has one
-        from latentlm_mcore.data.preprocess import read_layout
+        from latentlm_mcore.data.prep.preprocess import read_layout
 
         self.layouts = {s: read_layout(os.path.join(root_of[s], s)) if "://" not in root_of[s] else None
                         for s in self.sources}

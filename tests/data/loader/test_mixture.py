@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from latentlm_mcore.data.loader import DocumentReader, LoaderConfig, PackedLoader
-from latentlm_mcore.data.mixture import MixtureConfig, StreamMixture
-from latentlm_mcore.data.packing import BATCH_FIELDS
-from latentlm_mcore.data.preprocess import document_tokens, load_image
+from latentlm_mcore.data.loader.packed import DocumentReader, LoaderConfig, PackedLoader
+from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture
+from latentlm_mcore.data.loader.packing import BATCH_FIELDS
+from latentlm_mcore.data.prep.preprocess import document_tokens, load_image
 from latentlm_mcore.data.schema import RawDocument, read_manifest
 from latentlm_mcore.data.tokenizer import load_tokenizer
 
@@ -163,7 +163,7 @@ def test_layout_index_gives_the_documents_shapes_without_reading_them(dataset, c
     """Every rank lays out the whole global stream; it does so from preprocessing's layout index (lengths and
     image runs), which must agree with the documents as the reader delivers them (pair direction and caption
     dropout included), and give the same batches as laying out from the documents themselves."""
-    from latentlm_mcore.data.packing import image_runs
+    from latentlm_mcore.data.loader.packing import image_runs
 
     mix = mixture(dataset, cache_dir, "shape")
     assert all(mix.layouts[s] is not None for s in mix.sources)
@@ -212,7 +212,7 @@ def test_mixture_ratio_is_a_token_share_by_default(dataset, cache_dir):
         assert abs(shares["tokens"][s] - p) < 0.05, (s, shares["tokens"])
     assert shares["documents"]["pair"] < 0.2, "counting documents starves the short pairs of tokens"
     tokens_mix = mixture(dataset, cache_dir, "w", unit="tokens")
-    from latentlm_mcore.data.mixture import expected_token_shares
+    from latentlm_mcore.data.loader.mixture import expected_token_shares
     assert expected_token_shares(tokens_mix.weights, tokens_mix.statistics) == pytest.approx(target)
 
 
@@ -262,7 +262,7 @@ def test_pairs_are_emitted_both_ways(dataset, cache_dir):
     assert all(DocumentReader(mix, 0.0, image_first_share=1.0)[g].tokens[0] == ids.bod
                for g in range(mix.epoch_size) if mix.source_of(mix.sample_id(g)) == "pair")
     # a pair stored image-first (like the demo corpus's image -> caption documents) is turned round too
-    from latentlm_mcore.data.loader import _orient_pair
+    from latentlm_mcore.data.loader.packed import _orient_pair
     stored = np.array([ids.bod, ids.latent, ids.latent, ids.eod, 7, 8, ids.end_of_document], np.int32)
     assert _orient_pair(stored, ids, image_first=False).tolist() == [7, 8, ids.bod, ids.latent, ids.latent, ids.eod,
                                                                      ids.end_of_document]
@@ -307,10 +307,10 @@ def test_worker_processes_give_the_same_batches(dataset, cache_dir, tmp_path, mo
 
 
 def test_text_and_image_data_from_separate_runs(tmp_path, image_root, vae_checkpoint, cache_dir):
-    from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+    from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
     from latentlm_mcore.data.tokenizer import write_tiktoken_file
 
-    from .conftest import make_documents, write_jsonl
+    from tests.data.conftest import make_documents, write_jsonl
 
     rng = np.random.default_rng(4)
     bytes_only = tmp_path / "bytes.tiktoken"

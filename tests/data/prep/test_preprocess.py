@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latentlm_mcore.data import preprocess, schema
-from latentlm_mcore.data.preprocess import PreprocessConfig, merge_parts, preprocess_part
+from latentlm_mcore.data import schema
+from latentlm_mcore.data.prep import preprocess
+from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
 from latentlm_mcore.data.streaming_compat import import_streaming
 
-from .conftest import make_documents
+from tests.conftest import REPO as _REPO
+from tests.data.conftest import make_documents
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = str(_REPO)
 
 
 def read_shards(folder, cache):

@@ -21,7 +21,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from latentlm_mcore.data.demo_corpus import (COMPLETE_MARKER, DemoCorpusConfig, caption_label, is_heldout_digit,
+from latentlm_mcore.demo.corpus import (COMPLETE_MARKER, DemoCorpusConfig, caption_label, is_heldout_digit,
                                              load_digit_images)
 
 

@@ -32,24 +32,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from latentlm_mcore.data.schema import SpecialIds, image_runs  # noqa: F401  (the format contract)
+
 BATCH_FIELDS = ("tokens", "labels", "loss_mask", "latent_mask", "latents", "diffusion_mask",
                 "diffusion_targets", "position_ids", "noise_seed")
 IMAGE_RUN_TOO_LONG = "image_run_longer_than_sequence"
-
-
-@dataclass
-class SpecialIds:
-    bod: int
-    eod: int
-    latent: int
-    end_of_document: int
-    pad: int
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> "SpecialIds":
-        ids = manifest["tokenizer"]["special_ids"]
-        return cls(bod=ids["<BOD>"], eod=ids["<EOD>"], latent=ids["<LATENT>"],
-                   end_of_document=ids["<END_OF_DOCUMENT>"], pad=ids["<PAD>"])
 
 
 @dataclass
@@ -110,11 +97,6 @@ class DocumentShape:
 
     def __post_init__(self):
         self._run_start = None
-
-
-def image_runs(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
-    """(<BOD>, <EOD>) positions of each image run of a document's ids, int32 [r, 2]."""
-    return np.stack([np.flatnonzero(tokens == ids.bod), np.flatnonzero(tokens == ids.eod)], 1).astype(np.int32)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The packed loader: the mixture's global document sequence (`data/mixture.py`) packed into one global
+"""The packed loader: the mixture's global document sequence (`data/loader/mixture.py`) packed into one global
 stream of sequences that data-parallel ranks take by index.
 
 `PackedLoader` packs that document sequence into ONE global stream of sequences j = 0, 1, 2, ... — the
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.mixture import StreamMixture
-from latentlm_mcore.data.packing import (DocumentShape, PackableDocument, SpecialIds, build_sequence, collate,
+from latentlm_mcore.data.loader.mixture import StreamMixture
+from latentlm_mcore.data.loader.packing import (DocumentShape, PackableDocument, SpecialIds, build_sequence, collate,
                                          layout_sequence)
 
 STATE_VERSION = 2
