@@ -3,14 +3,14 @@
 `ModelConfig` describes the network (backbone, latent projection, diffusion head, diffusion
 objective); `TrainConfig` the optimisation schedule; `ParallelConfig` the layout over devices.
 `PRESETS` maps a name to a `LatentLMConfig` holding all three. Entry points parse overrides
-into these; the library never reads a command line.
+into these with runtime/cli.py; the library never reads a command line.
 """
 from __future__ import annotations
 
-import copy
-from dataclasses import MISSING as dataclasses_MISSING
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Literal
+
+from latentlm_mcore.runtime.cli import apply_overrides  # noqa: F401  (bench/ and tests import it from here)
 
 # cl100k_base has 100,277 ids (100,256 BPE ranks + specials up to 100,276); padded to 100,288
 # (a multiple of 64 and of 8*TP for TP <= 8) with our special tokens in the padding range.
@@ -234,71 +234,6 @@ def get_preset(name: str) -> LatentLMConfig:
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
-
-
-def apply_overrides(cfg, overrides: dict[str, str]):
-    """Return a copy of `cfg` with dotted overrides applied, e.g. {"model.num_layers": "4"}.
-    Values are parsed to the field's current type; unknown keys raise naming the key."""
-    cfg = copy.deepcopy(cfg)
-    for key, raw in overrides.items():
-        obj, parts = cfg, key.split(".")
-        for part in parts[:-1]:
-            if not hasattr(obj, part):
-                raise KeyError(f"unknown config key {key!r}")
-            obj = getattr(obj, part)
-        leaf = parts[-1]
-        if not is_dataclass(obj) or leaf not in {f.name for f in fields(obj)}:
-            raise KeyError(f"unknown config key {key!r}")
-        setattr(obj, leaf, _parse_like(getattr(obj, leaf), raw, key))
-    return cfg
-
-
-def add_config_arguments(parser, cls, prefix: str = "") -> None:
-    """One command-line option per field of dataclass `cls` (`--{prefix}{field}`), default None
-    (= keep the preset's value); Literal fields get choices. Read back with `config_overrides`."""
-    import typing
-
-    hints = typing.get_type_hints(cls)
-    for f in fields(cls):
-        hint = hints[f.name]
-        choices = [a for a in typing.get_args(hint) if a is not type(None)]
-        literal = [c for a in choices for c in (typing.get_args(a) if typing.get_origin(a) is Literal else ())]
-        if typing.get_origin(hint) is Literal:
-            literal = list(typing.get_args(hint))
-        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"{prefix}{f.name}", default=None,
-                            choices=literal or None, metavar=None if literal else f.name.upper(),
-                            help=f"(default: {f.default if f.default is not dataclasses_MISSING else 'preset'})")
-
-
-def config_overrides(args, prefix: str = "") -> dict:
-    """The options given on the command line for fields with `prefix`, as {field: raw string}."""
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix) and v is not None}
-
-
-def _parse_like(current, raw: str, key: str):
-    if not isinstance(raw, str):
-        return raw
-    try:
-        if isinstance(current, bool):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        if isinstance(current, int):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if current is None:  # optional field: a number if it reads as one, else the text
-            if raw.lower() == "none":
-                return None
-            for parse in (int, float):
-                try:
-                    return parse(raw)
-                except ValueError:
-                    pass
-            return raw
-    except ValueError:
-        raise ValueError(f"config key {key!r}: cannot parse {raw!r} as {type(current).__name__}") from None
-    return raw
 
 
 def count_parameters(model: ModelConfig) -> dict[str, int]:

@@ -25,8 +25,8 @@ die_with_launcher()
 from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
 install_warning_filters()  # known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
 
-from latentlm_mcore.config import (ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig,  # noqa: E402
-                                   add_config_arguments, apply_overrides, config_overrides, get_preset)
+from latentlm_mcore.config import ModelConfig, ParallelConfig, PRESETS, RunConfig, TrainConfig, get_preset  # noqa: E402
+from latentlm_mcore.runtime.cli import add_config_arguments, apply_overrides, config_overrides  # noqa: E402
 from latentlm_mcore.runtime.lease import LeaseHeld  # noqa: E402
 from latentlm_mcore.training.preflight import PreflightError  # noqa: E402
 from latentlm_mcore.training.trainer import pretrain  # noqa: E402
@@ -44,8 +44,7 @@ def main(argv=None):
     overrides = {f"{group}.{k}": v for group in ("model", "train", "parallel")
                  for k, v in config_overrides(args, f"{group}.").items()}
     cfg = apply_overrides(get_preset(args.preset), overrides)
-    run_fields = {f for f in RunConfig.__dataclass_fields__}
-    run = apply_overrides(RunConfig(), {k: v for k, v in config_overrides(args).items() if k in run_fields})
+    run = apply_overrides(RunConfig(), config_overrides(args))
     try:
         summary = pretrain(cfg, run)
     except PreflightError as e:  # every rank refuses alike; one says why

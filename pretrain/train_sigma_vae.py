@@ -27,7 +27,7 @@ die_with_launcher()
 from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
 install_warning_filters()  # known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
 
-from latentlm_mcore.training.ranks import rank_and_world_from_env  # noqa: E402
+from latentlm_mcore.runtime.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
 from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402
 

@@ -44,7 +44,7 @@ mkdir -p "$OUT_DIR"
 
 echo "σ-VAE: $SLURM_NNODES node(s), $SLURM_NTASKS GPUs, master $MASTER_ADDR:$MASTER_PORT, out $OUT_DIR"
 
-# srun starts one task per GPU; the trainer reads its rank from Slurm's variables (training/ranks.py).
+# srun starts one task per GPU; the trainer reads its rank from Slurm's variables (runtime/ranks.py).
 # --cpus-per-task again on srun: Slurm 22.05-23.02 does not pass the batch value on to srun's tasks
 srun --kill-on-bad-exit=1 --cpus-per-task "${SLURM_CPUS_PER_TASK:-1}" "$PYTHON" "$REPO_DIR/pretrain/train_sigma_vae.py" \
   --preset "$PRESET" \

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentlm_mcore.config import (PRESETS, ModelConfig, RunConfig, add_config_arguments,  # noqa: E402
-                                   apply_overrides, config_overrides, get_preset)
+from latentlm_mcore.config import PRESETS, ModelConfig, RunConfig, get_preset  # noqa: E402
+from latentlm_mcore.runtime.cli import add_config_arguments, apply_overrides, config_overrides  # noqa: E402
 from latentlm_mcore.training.metrics import PEAK_BF16_TFLOPS  # noqa: E402
 from latentlm_mcore.data.loader.mixture import parse_proportions  # noqa: E402
 from latentlm_mcore.training.plan import mixture_latent_fraction, plan_run  # noqa: E402

@@ -10,7 +10,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from latentlm_mcore.compat import enable_cpu_fallbacks, mend_distributed_optimizer_torch_adam
 from latentlm_mcore.config import ParallelConfig
-from latentlm_mcore.training.ranks import rank_and_world_from_env
+from latentlm_mcore.runtime.ranks import rank_and_world_from_env
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:

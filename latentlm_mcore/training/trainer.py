@@ -31,7 +31,7 @@ from latentlm_mcore.training.distributed import init_distributed, shutdown_distr
 from latentlm_mcore.training.flops import head_forward_flops, training_flops
 from latentlm_mcore.training.metrics import MetricsLogger, device_peak_tflops
 from latentlm_mcore.training.preflight import check_pretrain, describe_pretrain, probe_machine
-from latentlm_mcore.training.ranks import rank_and_world_from_env
+from latentlm_mcore.runtime.ranks import rank_and_world_from_env
 from latentlm_mcore.training.step import build_optimizer, evaluate, params_synced, train_step, wrap_with_ddp
 from latentlm_mcore.training.synthetic import random_packed_batch
 

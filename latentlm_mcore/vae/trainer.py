@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from latentlm_mcore.runtime.lease import check_may_publish, lease_on_rank0
 from latentlm_mcore.training.preflight import check_sigma_vae, describe_sigma_vae, probe_machine
-from latentlm_mcore.training.ranks import rank_and_world_from_env
+from latentlm_mcore.runtime.ranks import rank_and_world_from_env
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.data import ImageDataset, InfiniteDistributedSampler, list_images
 from latentlm_mcore.vae.losses import (PatchDiscriminator, VGG16PerceptualLoss, adaptive_gan_weight, hinge_d_loss,

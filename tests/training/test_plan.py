@@ -30,8 +30,8 @@ def test_plan_run_lists_fitting_layouts_and_prints_pretrain_arguments(capsys):
     import importlib.util
     from pathlib import Path
 
-    from latentlm_mcore.config import (ParallelConfig, RunConfig, TrainConfig, add_config_arguments, apply_overrides,
-                                       config_overrides)
+    from latentlm_mcore.config import ParallelConfig, RunConfig, TrainConfig
+    from latentlm_mcore.runtime.cli import add_config_arguments, apply_overrides, config_overrides
 
     path = Path(__file__).resolve().parents[2] / "tools" / "plan_run.py"
     spec = importlib.util.spec_from_file_location("plan_run", path)

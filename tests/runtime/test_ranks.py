@@ -1,6 +1,6 @@
 import pytest
 
-from latentlm_mcore.training.ranks import rank_and_world_from_env, tasks_on_this_node
+from latentlm_mcore.runtime.ranks import rank_and_world_from_env, tasks_on_this_node
 
 
 @pytest.mark.parametrize("spec,node,want", [("8(x16)", 15, 8), ("2(x3),1", 3, 1), ("2(x3),1", 0, 2), ("4", 0, 4)])
