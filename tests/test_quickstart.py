@@ -60,7 +60,7 @@ def test_pretraining_ran_with_tp2_and_logged(quickstart):
     assert config["name"] == "quickstart" and config["parallel"]["tensor_parallel"] == 2
     records = [json.loads(line) for line in (out / "model" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
-    assert train[-1]["iteration"] == STEPS and all(np.isfinite(r["lm loss"]) for r in train)
+    assert train[-1]["iteration"] == STEPS and all(np.isfinite(r["lm_loss"]) for r in train)
     assert decoded(out / "model" / "loss_curve.png").size[0] > 100
     assert f"iter {STEPS}/{STEPS}" in first  # progress lines reached the console
 

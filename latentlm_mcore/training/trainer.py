@@ -14,7 +14,6 @@ import dataclasses
 import itertools
 import math
 import os
-import signal
 import time
 
 import torch
@@ -25,34 +24,26 @@ from megatron.core.transformer.module import Float16Module
 from latentlm_mcore.config import LatentLMConfig, RunConfig
 from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
 from latentlm_mcore.runtime.lease import LeaseHeld, check_may_publish, lease_on_rank0
+from latentlm_mcore.runtime.metrics import MetricsLogger
+from latentlm_mcore.runtime.preemption import PreemptionFlag
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                 shield_checkpoint_writer_from_signals)
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.flops import head_forward_flops, training_flops
-from latentlm_mcore.training.metrics import MetricsLogger, device_peak_tflops
+from latentlm_mcore.training.metrics import device_peak_tflops
 from latentlm_mcore.training.preflight import check_pretrain, describe_pretrain, probe_machine
 from latentlm_mcore.runtime.ranks import rank_and_world_from_env
 from latentlm_mcore.training.step import build_optimizer, evaluate, params_synced, train_step, wrap_with_ddp
 from latentlm_mcore.training.synthetic import random_packed_batch
 
 
-class PreemptionFlag:
-    """SIGTERM / SIGUSR1 set a flag; the loop checks it (agreed over all ranks) after each step."""
-
-    def __init__(self):
-        self.received = None
-        shield_checkpoint_writer_from_signals()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+def console_summary(split: str, m: dict) -> str:
+    """Pretraining's part of the console line (runtime/metrics.py adds iteration, progress and ETA)."""
+    if split != "train":
+        return f"lm_loss {m['lm_loss']:.4f} (ppl {m['lm_ppl']:.2f}) | diffusion_loss {m['diffusion_loss']:.4f}"
+    mfu = f" | MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
+    return (f"lm {m['lm_loss']:.4f} | diff {m['diffusion_loss']:.4f} | gnorm {m['grad_norm']:.3f} | "
+            f"lr {m['lr']:.2e} | {m['tokens_per_s']:,.0f} tok/s | {m['tflops_per_device']:.2f} TFLOP/s{mfu}")
 
 
 def params_dtype(run: RunConfig) -> torch.dtype:
@@ -206,6 +197,7 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
 
 def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, peak) -> dict:
     t, p = cfg.train, cfg.parallel
+    shield_checkpoint_writer_from_signals()  # before the handlers: the writer's processes must not inherit them
     preempt = PreemptionFlag()
     rank0 = torch.distributed.get_rank() == 0
     dp = parallel_state.get_data_parallel_world_size()
@@ -232,7 +224,9 @@ def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, peak) -> dict:
     # every model chunk (virtual pipeline stage) reads the whole micro-batch stream
     stream = CountingIterator(iter(data))
     per_chunk = list(itertools.tee(stream, len(chunks))) if len(chunks) > 1 else [stream]
-    logger = MetricsLogger(run.save, run, cfg.name, dataclasses.asdict(cfg), iteration, t.train_steps) if rank0 else None
+    logger = MetricsLogger(run.save, total_iterations=t.train_steps, start_iteration=iteration,
+                           tensorboard=run.tensorboard, wandb_project=run.wandb_project, run_name=cfg.name,
+                           config=dataclasses.asdict(cfg), summary=console_summary) if rank0 else None
     world = torch.distributed.get_world_size()
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     run_extra = {"data": run.data}
@@ -246,7 +240,7 @@ def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, peak) -> dict:
             save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last,
                             may_publish)
         if logger is not None:
-            logger.plot()
+            logger.plot(("lm_loss", "diffusion_loss"))
 
     stop_reason, last = "finished", {}
     start_iteration = iteration
@@ -268,12 +262,12 @@ def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, peak) -> dict:
             flops = (training_flops(cfg.model, cfg.model.seq_length) * t.global_batch_size * window_steps
                      + 3 * head_forward_flops(cfg.model, latents.item()))
             tflops_per_device = flops / elapsed / world / 1e12
-            last = {"loss": result["loss"], "lm loss": result["lm loss"], "diffusion loss": result["diffusion loss"],
+            last = {"loss": result["loss"], "lm_loss": result["lm loss"], "diffusion_loss": result["diffusion loss"],
                     "grad_norm": result["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
                     "tokens_per_s": tokens_per_step * window_steps / elapsed, "tflops_per_device": tflops_per_device,
                     "mfu": tflops_per_device / peak if peak else None, "consumed_tokens": consumed_tokens}
             if data.loader is not None:  # the global stream's, so the same on every rank
-                last.update({f"token share {s}": v for s, v in data.loader.token_share().items()})
+                last.update({f"token_share_{s}": v for s, v in data.loader.token_share().items()})
             if logger is not None:
                 logger.log(iteration, last)
             window_t, window_steps, window_latents = time.time(), 0, 0
@@ -304,7 +298,8 @@ def evaluate_held_out(cfg: LatentLMConfig, run: RunConfig, chunks, iteration: in
     it = iter(data)
     result = evaluate(chunks, it if len(chunks) == 1 else list(itertools.tee(it, len(chunks))),
                       run.eval_iters, cfg.model.seq_length, cfg.train.micro_batch_size)
-    result["lm ppl"] = math.exp(min(result["lm loss"], 50.0))
+    result = {key.replace(" ", "_"): value for key, value in result.items()}  # metric keys are single words
+    result["lm_ppl"] = math.exp(min(result["lm_loss"], 50.0))
     if logger is not None:
-        logger.log(iteration, result, prefix="eval")
+        logger.log(iteration, result, split="eval")
     return result

@@ -37,13 +37,13 @@ def test_resume_at_another_dp_size_gives_the_uninterrupted_losses(tiny_dataset, 
 
     want, got = train_records(tmp_path / "uninterrupted"), train_records(save)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    worst = max(abs(got[it][k] - want[it][k]) / abs(want[it][k]) for it in want for k in ("lm loss", "diffusion loss"))
+    worst = max(abs(got[it][k] - want[it][k]) / abs(want[it][k]) for it in want for k in ("lm_loss", "diffusion_loss"))
     print(f"\nDP=2 -> 1 -> 2 against uninterrupted DP=2: largest relative loss difference {worst:.2e}")
     for it in want:
-        for key in ("lm loss", "diffusion loss"):
+        for key in ("lm_loss", "diffusion_loss"):
             assert got[it][key] == pytest.approx(want[it][key], rel=1e-5, abs=1e-7), f"iteration {it}: {key}"
     # the global stream's token share is the same whatever the layout, and it is logged
-    for key in ("token share text", "token share pair", "token share interleaved"):
+    for key in ("token_share_text", "token_share_pair", "token_share_interleaved"):
         assert got[STEPS][key] == pytest.approx(want[STEPS][key]) and 0 < want[STEPS][key] < 1
     # a different data position would give clearly different losses on these documents
-    assert any(abs(want[it]["lm loss"] - want[it + 1]["lm loss"]) > 1e-3 for it in range(5, 10))
+    assert any(abs(want[it]["lm_loss"] - want[it + 1]["lm_loss"]) > 1e-3 for it in range(5, 10))

@@ -133,9 +133,9 @@ def test_periodic_evaluation_reports_perplexity_and_diffusion_loss(uninterrupted
         evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
     assert [r["iteration"] for r in evals] == [10, 20]
     for r in evals:
-        assert r["lm ppl"] == pytest.approx(math.exp(r["lm loss"]))
-        assert 0 < r["diffusion loss"] < 10 and 0 < r["lm loss"] < 20
-    assert evals[1]["lm loss"] < evals[0]["lm loss"], "held-out LM loss falls while training"
+        assert r["lm_ppl"] == pytest.approx(math.exp(r["lm_loss"]))
+        assert 0 < r["diffusion_loss"] < 10 and 0 < r["lm_loss"] < 20
+    assert evals[1]["lm_loss"] < evals[0]["lm_loss"], "held-out LM loss falls while training"
 
 
 def test_resume_at_tp1_continues_from_the_same_data_position(tiny_dataset, uninterrupted, tmp_path):
