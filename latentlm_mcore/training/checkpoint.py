@@ -29,6 +29,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
 from latentlm_mcore.compat import materialize_optimizer_state
+from latentlm_mcore.runtime.files import write_json_atomic, write_text_atomic
 
 RUN_CONFIG = "run_config.json"
 LATEST = "latest"
@@ -190,12 +191,7 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler,
 
 
 def _write_latest(save_dir: str, name: str) -> None:
-    tmp = os.path.join(save_dir, LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(save_dir, LATEST))
+    write_text_atomic(os.path.join(save_dir, LATEST), name + "\n")
 
 
 def _prune(save_dir: str, keep_last: int) -> None:
@@ -235,11 +231,8 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
 # ---------------------------------------------------------------- run config and discovery
 def save_run_config(directory: str, cfg, extra: dict | None = None) -> None:
     """Write the run's LatentLMConfig (and `extra`, e.g. tokenizer / sigma-VAE info) as JSON."""
-    payload = {"config": dataclasses.asdict(cfg), "extra": extra or {}}
-    tmp = os.path.join(directory, RUN_CONFIG + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, os.path.join(directory, RUN_CONFIG))
+    write_json_atomic(os.path.join(directory, RUN_CONFIG), {"config": dataclasses.asdict(cfg), "extra": extra or {}},
+                      indent=2)
 
 
 def load_run_config(directory: str):
