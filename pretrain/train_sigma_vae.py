@@ -1,17 +1,18 @@
 """Train the image σ-VAE tokenizer (paper §2.3, §3.1.3).
 
-    python pretrain/train_sigma_vae.py --preset tiny --train-data IMAGES/ --eval-data HELDOUT/ --max-steps 300
+    python pretrain/train_sigma_vae.py --preset tiny --train-data IMAGES/ --eval-data HELDOUT/ --train-steps 300
     torchrun --nproc-per-node 8 pretrain/train_sigma_vae.py --preset paper --train-data train.jsonl \
         --vgg16-weights vgg16-397923af.pth --init-encoder beit3_base_patch16_224.pth ...
 
-Every field of SigmaVAEConfig (model; overrides the preset) and TrainConfig is a --flag of the same name.
-A preset with a training recipe (`paper`: 200 epochs, perceptual + GAN losses) sets TrainConfig defaults too;
-an explicit --max-steps replaces the recipe's --epochs. Re-running with the same --out-dir resumes; a run
-refuses an --out-dir that another live run holds (--lease-wait SECONDS waits), and dies with its launcher.
+Options as pretraining's (runtime/cli.py): every field of TrainConfig is a plain --<field> (train_steps,
+log_interval, eval_interval, save_interval, clip_grad as in pretrain_latentlm.py), every field of SigmaVAEConfig
+a --model.<field> that overrides the preset. A preset with a training recipe (`paper`: 200 epochs, perceptual +
+GAN losses) sets TrainConfig defaults too; an explicit --train-steps replaces the recipe's --epochs. Re-running
+with the same --out-dir resumes; a run refuses an --out-dir that another live run holds (--lease-wait SECONDS
+waits), and dies with its launcher.
 """
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -27,39 +28,27 @@ die_with_launcher()
 from latentlm_mcore.runtime.logs import install_warning_filters  # noqa: E402
 install_warning_filters()  # known-benign library warnings once or not at all (LATENTLM_VERBOSE=1: all)
 
+from latentlm_mcore.runtime.cli import add_config_arguments, apply_overrides, config_overrides  # noqa: E402
 from latentlm_mcore.runtime.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
 from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402
 
 
-def add_dataclass_args(parser, cls, group_title):
-    group = parser.add_argument_group(group_title)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            group.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(field.type, field.type)
-            group.add_argument(flag, type=kind, default=None)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(SIGMA_VAE_PRESETS), default="tiny")
-    add_dataclass_args(parser, SigmaVAEConfig, "model (overrides the preset)")
-    add_dataclass_args(parser, TrainConfig, "training")
-    args = vars(parser.parse_args(argv))
-    preset = args.pop("preset")
-    model_names = {f.name for f in dataclasses.fields(SigmaVAEConfig)}
-    model_cfg = SIGMA_VAE_PRESETS[preset].replace(
-        **{k: v for k, v in args.items() if k in model_names and v is not None})
-    given = {k: v for k, v in args.items() if k not in model_names and v is not None}
-    if "max_steps" in given and "epochs" in given:
-        parser.error("give --max-steps or --epochs, not both")
+    add_config_arguments(parser.add_argument_group("training"), TrainConfig)
+    add_config_arguments(parser.add_argument_group("model (preset overrides)"), SigmaVAEConfig, "model.")
+    args = parser.parse_args(argv)
+    preset = vars(args).pop("preset")
+    model_cfg = apply_overrides(SIGMA_VAE_PRESETS[preset], config_overrides(args, "model."))
+    given = config_overrides(args)
+    if "train_steps" in given and "epochs" in given:
+        parser.error("give --train-steps or --epochs, not both")
     recipe = dict(TRAIN_PRESETS.get(preset, {}))
-    if "max_steps" in given:
+    if "train_steps" in given:
         recipe.pop("epochs", None)
-    return model_cfg, TrainConfig(**{**recipe, **given})
+    return model_cfg, apply_overrides(TrainConfig(**recipe), given)
 
 
 def main(argv=None):
@@ -73,8 +62,7 @@ def main(argv=None):
     finally:
         trainer.close()
     if rank == 0 and result:
-        logging.getLogger("train_sigma_vae").info("final eval: PSNR %.2f dB, grid %s",
-                                                  result["eval/psnr"], result["grid"])
+        logging.getLogger("train_sigma_vae").info("final eval: PSNR %.2f dB, grid %s", result["psnr"], result["grid"])
 
 
 if __name__ == "__main__":

@@ -37,13 +37,13 @@ if [ -f "$OUT/corpus/corpus.json" ]; then skip "$OUT/corpus/corpus.json"; else
 fi
 
 stage 3 "σ-VAE ($VAE_STEPS steps) -> $OUT/sigma_vae"
-if [ -f "$OUT/sigma_vae/sigma_vae.pt" ] && grep -qs "\"step\": $VAE_STEPS," "$OUT/sigma_vae/metrics.jsonl"; then
+if [ -f "$OUT/sigma_vae/sigma_vae.pt" ] && grep -qs "\"iteration\": $VAE_STEPS, \"split\": \"eval\"" "$OUT/sigma_vae/metrics.jsonl"; then
   skip "$OUT/sigma_vae/sigma_vae.pt"
 else
   $PY pretrain/train_sigma_vae.py --preset quickstart --train-data "$OUT/corpus/images/train.jsonl" \
-    --eval-data "$OUT/corpus/images/heldout.jsonl" --out-dir "$OUT/sigma_vae" --max-steps "$VAE_STEPS" \
-    --batch-size 64 --lr 1e-3 --warmup-steps $(( VAE_STEPS / 10 )) --crop-min-scale 1.0 --log-every 10 \
-    --eval-every "$VAE_STEPS" --ckpt-every 100 --num-workers 0 --stats-samples 512 --tensorboard false
+    --eval-data "$OUT/corpus/images/heldout.jsonl" --out-dir "$OUT/sigma_vae" --train-steps "$VAE_STEPS" \
+    --batch-size 64 --lr 1e-3 --warmup-steps $(( VAE_STEPS / 10 )) --crop-min-scale 1.0 --log-interval 10 \
+    --eval-interval "$VAE_STEPS" --save-interval 100 --num-workers 0 --stats-samples 512 --tensorboard false
 fi
 
 stage 4 "pre-encoding: tokens + σ-VAE latents -> MDS shards in $OUT/data"

@@ -2,7 +2,7 @@
 # Multi-GPU σ-VAE training: one task per GPU, torch DDP over NCCL.
 #
 #   sbatch slurm/train_sigma_vae.sh                                  # paper preset, paths below
-#   sbatch --nodes 4 slurm/train_sigma_vae.sh --max-steps 100000     # extra args go to the trainer
+#   sbatch --nodes 4 slurm/train_sigma_vae.sh --train-steps 100000   # extra args go to the trainer
 #   TRAIN_DATA=/data/train.jsonl EVAL_DATA=/data/val OUT_DIR=/ckpt/vae sbatch slurm/train_sigma_vae.sh
 #
 # The paper preset trains the paper's recipe (§3.1.3 / appendix B): 200 epochs at batch 256 (8 GPUs x 32),

@@ -181,8 +181,8 @@ def check_sigma_vae(model_cfg, cfg, machine: Machine) -> None:
                         "VGG16 state_dict, e.g. vgg16-397923af.pth), or pass --perceptual-weight 0")
     if cfg.batch_size < 1:
         problems.append(f"--batch-size {cfg.batch_size} must be at least 1")
-    if cfg.epochs <= 0 and cfg.max_steps < 1:
-        problems.append(f"--max-steps {cfg.max_steps} must be at least 1 (or give --epochs)")
+    if cfg.epochs <= 0 and cfg.train_steps < 1:
+        problems.append(f"--train-steps {cfg.train_steps} must be at least 1 (or give --epochs)")
     if not 0 <= cfg.warmup_steps:
         problems.append(f"--warmup-steps {cfg.warmup_steps} must not be negative")
     if problems:

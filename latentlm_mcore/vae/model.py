@@ -7,13 +7,13 @@ draws z from μ the way training does (the language model is meant to read such 
 """
 
 import os
-import tempfile
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentlm_mcore.runtime.files import atomic_torch_save
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.stats import LatentStats
 
@@ -156,25 +156,6 @@ def save_sigma_vae(path, vae: SigmaVAE, latent_stats: LatentStats | None = None)
         "latent_stats": stats.to_dict() if stats is not None else None,
     }
     atomic_torch_save(payload, path)
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`: readers and a crash
-    mid-write only ever see the old file or the complete new one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_sigma_vae(path, map_location="cpu") -> SigmaVAE:

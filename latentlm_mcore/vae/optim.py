@@ -1,6 +1,4 @@
-"""The σ-VAE optimizer's parameter groups (layer-wise LR decay on the encoder) and LR schedule."""
-
-import math
+"""The σ-VAE optimizer's parameter groups (layer-wise LR decay on the encoder); the LR schedule is runtime/schedule.py."""
 
 from latentlm_mcore.vae.model import SigmaVAE
 
@@ -28,11 +26,3 @@ def encoder_param_groups(vae: SigmaVAE, lr: float, weight_decay: float, layer_de
                                                    "lr": lr * scale})
         group["params"].append(param)
     return list(groups.values())
-
-
-def lr_factor(step: int, cfg) -> float:
-    """Linear warmup over `cfg.warmup_steps`, then cosine from 1 to `cfg.min_lr_ratio` at `cfg.max_steps`."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

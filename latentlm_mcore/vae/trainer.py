@@ -1,22 +1,24 @@
-"""σ-VAE trainer: torch DDP (NCCL on GPU, gloo on CPU), AdamW, an encoder started from pretrained ViT weights
-(then with layer-wise LR decay) or from scratch, optional perceptual and patch-GAN losses (adaptive weight),
-resumable checkpoints, PSNR and a reconstruction grid at each eval, and the exported σ-VAE file (with latent
-statistics) at each checkpoint and at the end. `TRAIN_PRESETS["paper"]` is the paper's recipe.
+"""σ-VAE training on the runtime (`latentlm_mcore/runtime/`): one loop, `VAETrainer`, for every σ-VAE model kind,
+and the image σ-VAE, `SigmaVAETrainer`, as its first user. torch DDP (NCCL on GPU, gloo on CPU), AdamW, an encoder
+started from pretrained ViT weights (then with layer-wise LR decay) or from scratch, optional perceptual and
+patch-GAN losses (adaptive weight), resumable checkpoints, PSNR and a reconstruction grid at each eval, and the
+exported σ-VAE file (with latent statistics) at each checkpoint and at the end. `TRAIN_PRESETS["paper"]` is the
+paper's recipe. Option names follow pretraining's: train_steps, log_interval, eval_interval, save_interval,
+clip_grad.
 
 Files under `out_dir`:
   checkpoint.pt   resumable state (model, discriminator, optimizers, step; the RNG is re-seeded from
-                  seed, step and rank); written atomically
+                  seed, step and rank); written atomically (runtime/files.py)
   sigma_vae.pt    the exported σ-VAE for the data pipeline (`load_sigma_vae`), with latent statistics
   samples/step_XXXXXXX.png   originals (top row) vs reconstructions (bottom row) of held-out images
-  metrics.jsonl   one JSON line per eval; tb/ TensorBoard events; wandb/ when a project is given
+  metrics.jsonl   runtime/metrics.py's records: {"iteration", "split": "train" | "eval", ...}; tensorboard/
+                  TensorBoard events; wandb/ when a project is given
   LEASE           rank 0's lease on out_dir while train() runs (runtime/lease.py): a second run refuses
 """
 
-import json
 import logging
 import math
 import os
-import signal
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
@@ -26,17 +28,20 @@ import torch.distributed as dist
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
+from latentlm_mcore.runtime.files import atomic_torch_save, atomic_write
 from latentlm_mcore.runtime.lease import check_may_publish, lease_on_rank0
-from latentlm_mcore.training.preflight import check_sigma_vae, describe_sigma_vae, probe_machine
+from latentlm_mcore.runtime.metrics import MetricsLogger, plain_summary
+from latentlm_mcore.runtime.preemption import PreemptionFlag, any_rank
 from latentlm_mcore.runtime.ranks import rank_and_world_from_env
+from latentlm_mcore.runtime.schedule import set_lr, warmup_cosine
+from latentlm_mcore.training.preflight import check_sigma_vae, describe_sigma_vae, probe_machine
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.data import ImageDataset, InfiniteDistributedSampler, list_images
 from latentlm_mcore.vae.losses import (PatchDiscriminator, VGG16PerceptualLoss, adaptive_gan_weight, hinge_d_loss,
                                        hinge_g_loss, sigma_vae_loss)
-from latentlm_mcore.vae.model import SigmaVAE, atomic_torch_save, save_sigma_vae
-from latentlm_mcore.vae.optim import encoder_param_groups, lr_factor
+from latentlm_mcore.vae.model import SigmaVAE, save_sigma_vae
+from latentlm_mcore.vae.optim import encoder_param_groups
 from latentlm_mcore.vae.pretrained import load_pretrained_encoder
 from latentlm_mcore.vae.stats import LatentStats, compute_latent_stats
 
@@ -48,7 +53,7 @@ class TrainConfig:
     train_data: str = ""  # folder tree of images, or a .jsonl of paths
     eval_data: str = ""  # held-out images (centre crops) for PSNR and the grid; empty: no eval
     out_dir: str = "outputs/sigma_vae"
-    max_steps: int = 1000  # optimizer steps; derived from the data instead when epochs > 0
+    train_steps: int = 1000  # optimizer steps; derived from the data instead when epochs > 0
     epochs: float = 0.0  # > 0: this many passes over train_data at the global batch (batch_size x ranks)
     batch_size: int = 32  # per rank
     lr: float = 3e-4
@@ -61,7 +66,7 @@ class TrainConfig:
     # empty: random init. Read on a fresh start only; a resumed run has it in its checkpoint.
     init_encoder: str = ""
     layer_decay: float = 0.65  # with init_encoder: encoder block i of L gets lr * layer_decay ** (L + 1 - i)
-    grad_clip: float = 1.0
+    clip_grad: float = 1.0
     crop_min_scale: float = 0.5
     perceptual_weight: float = 0.0  # > 0: LPIPS-style VGG16 loss, which needs vgg16_weights
     vgg16_weights: str = ""  # local torchvision VGG16 state_dict (nothing is downloaded)
@@ -69,9 +74,9 @@ class TrainConfig:
     gan_weight: float = 0.5  # factor on LDM's adaptive GAN weight (LDM's disc_weight 0.5)
     disc_channels: int = 64
     disc_layers: int = 3
-    log_every: int = 10
-    eval_every: int = 500
-    ckpt_every: int = 500
+    log_interval: int = 10
+    eval_interval: int = 500
+    save_interval: int = 500
     grid_images: int = 8
     stats_samples: int = 1024  # training crops (fixed seed) whose μ statistics are stored with the VAE
     num_workers: int = 4
@@ -124,21 +129,137 @@ def save_image_grid(path: str, rows: list[torch.Tensor]) -> None:
         pixels = ((row.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
         for i in range(n):
             canvas[r * (h + gap):r * (h + gap) + h, i * (w + gap):i * (w + gap) + w] = pixels[i].numpy()
-    tmp = path + ".tmp.png"
-    Image.fromarray(canvas).save(tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(canvas).save(f, format="png")
 
 
-class SigmaVAETrainer:
+class VAETrainer:
+    """The one training loop of every σ-VAE model kind, on the runtime: ranks and process group, rank 0's lease
+    on `out_dir`, save-and-exit on preemption, the warmup+cosine LR, metrics, the all-ranks non-finite check,
+    periodic evaluation and checkpoints. A model kind (the image σ-VAE below; a 1-D audio one next) subclasses
+    it and brings its model, data and losses through five methods:
+
+      train_batches()   an endless iterator of training batches on `self.device`, from step `self.step` on
+      train_step(batch) one optimizer step of its losses; a dict of floats with at least "loss"
+      optimizers()      the optimizers whose param groups the schedule sets (groups may carry an `lr_scale`)
+      evaluate()        held-out metrics (collective; {} when there is nothing to evaluate)
+      save_checkpoint() its resumable state and exported file (collective), written through `publish`
+
+    and sets `self.step` to the steps already done when it resumes. `cfg` needs the fields of TrainConfig
+    that the loop reads: out_dir, train_steps, lr, min_lr_ratio, warmup_steps, log_interval, eval_interval,
+    save_interval, lease_wait, tensorboard, wandb_project."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.rank, self.world_size, self.device = init_distributed()
+        self.is_main = self.rank == 0
+        self.step = 0
+        self.lease = None  # held by train(), the only writer of out_dir
+
+    # --- what a model kind provides ----------------------------------------------------------------------
+
+    def train_batches(self):
+        raise NotImplementedError
+
+    def train_step(self, batch) -> dict:
+        raise NotImplementedError
+
+    def optimizers(self) -> list:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        return {}
+
+    def save_checkpoint(self) -> None:
+        raise NotImplementedError
+
+    def summary(self, split: str, metrics: dict) -> str:
+        """Its text on the console progress line (runtime/metrics.py)."""
+        return plain_summary(split, metrics)
+
+    def run_config(self) -> dict:
+        return {"train": asdict(self.cfg)}
+
+    # --- the loop ----------------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
+        return cfg.lr * warmup_cosine(step, cfg.warmup_steps, cfg.train_steps, cfg.min_lr_ratio)
+
+    def publish(self, obj, path: str) -> None:
+        """Rank 0 writes `obj` to `path` atomically, unless its lease on out_dir was lost (then it raises)."""
+        check_may_publish(self.lease)
+        atomic_torch_save(obj, path)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def train(self) -> dict:
+        """Train up to `train_steps` (continuing a resumed run); returns the last eval metrics with their
+        "iteration" (or {})."""
+        cfg = self.cfg
+        self.lease = lease_on_rank0(cfg.out_dir, wait=cfg.lease_wait)
+        logger = None
+        last_eval: dict = {}
+        try:
+            batches = self.train_batches()
+            if self.is_main:
+                logger = MetricsLogger(cfg.out_dir, total_iterations=cfg.train_steps, start_iteration=self.step,
+                                       tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                       config=self.run_config(), summary=self.summary)
+            with PreemptionFlag() as preempt:
+                while self.step < cfg.train_steps:
+                    batch = next(batches)
+                    lr = self.lr_at(self.step)
+                    set_lr(self.optimizers(), lr)
+                    metrics = self.train_step(batch)
+                    metrics["lr"] = lr
+                    stop, non_finite = any_rank(preempt.received is not None, not math.isfinite(metrics["loss"]),
+                                                device=self.device)
+                    if non_finite:  # every rank raises together; the last checkpoint stays the good one
+                        raise FloatingPointError(f"non-finite loss at step {self.step} on some rank: {metrics}")
+                    self.step += 1
+                    if logger is not None and (self.step % cfg.log_interval == 0 or self.step == cfg.train_steps):
+                        logger.log(self.step, metrics)
+                    if stop:
+                        self.save_checkpoint()
+                        if self.is_main:
+                            log.info("stop signal (%s): saved at step %d; re-run to resume",
+                                     preempt.received or "on another rank", self.step)
+                        break
+                    if self.step % cfg.eval_interval == 0 or self.step == cfg.train_steps:
+                        result = self.evaluate()
+                        if result:
+                            last_eval = dict(result, iteration=self.step)
+                            if logger is not None:
+                                logger.log(self.step, result, split="eval")
+                    if self.step % cfg.save_interval == 0 or self.step == cfg.train_steps:
+                        self.save_checkpoint()
+        finally:
+            if logger is not None:
+                logger.close()
+            if self.lease is not None:
+                self.lease.release()
+                self.lease = None
+        return last_eval
+
+    def close(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class SigmaVAETrainer(VAETrainer):
+    """The image σ-VAE on `VAETrainer`: ViT encoder and decoder, random-resized crops, MSE + σ-VAE prior
+    (+ perceptual, + patch-GAN), PSNR and a sample grid at each eval, `sigma_vae.pt` with latent statistics."""
+
     def __init__(self, model_cfg: SigmaVAEConfig, cfg: TrainConfig):
         machine = probe_machine()
         check_sigma_vae(model_cfg, cfg, machine)  # PreflightError naming every option this machine cannot run
-        self.model_cfg, self.cfg = model_cfg, cfg
-        self.rank, self.world_size, self.device = init_distributed()
-        self.is_main = self.rank == 0
+        super().__init__(cfg)
+        self.model_cfg = model_cfg
         if self.is_main:
             log.info(describe_sigma_vae(model_cfg, cfg, machine, self.world_size))
-        self.lease = None  # held by train(), the only writer of out_dir
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         os.makedirs(cfg.out_dir, exist_ok=True)
         self.ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
@@ -165,11 +286,10 @@ class SigmaVAETrainer:
             if cfg.eval_data else None
         if cfg.epochs > 0:
             global_batch = cfg.batch_size * self.world_size
-            self.cfg = cfg = replace(cfg, max_steps=math.ceil(cfg.epochs * len(self.train_set) / global_batch))
+            self.cfg = cfg = replace(cfg, train_steps=math.ceil(cfg.epochs * len(self.train_set) / global_batch))
             if self.is_main:
                 log.info("%g epochs of %d images at a global batch of %d: %d steps", cfg.epochs, len(self.train_set),
-                         global_batch, cfg.max_steps)
-        self.step = 0
+                         global_batch, cfg.train_steps)
         self.latent_stats: LatentStats | None = None
         self._resume()
         # From here on ranks must differ (σ noise, crops), and a resumed run must not replay the noise of
@@ -180,7 +300,6 @@ class SigmaVAETrainer:
         self.vae_ddp = DDP(self.vae, **ddp_kwargs) if self.world_size > 1 else self.vae
         self.disc_ddp = DDP(self.disc, **ddp_kwargs) if self.disc is not None and self.world_size > 1 else self.disc
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        self._tensorboard = self._wandb = None
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
@@ -228,8 +347,7 @@ class SigmaVAETrainer:
             self.latent_stats = self.latent_statistics()
             check_may_publish(self.lease)
             save_sigma_vae(self.export_path, self.vae, self.latent_stats)
-            check_may_publish(self.lease)
-            atomic_torch_save({
+            self.publish({
                 "model_config": asdict(self.model_cfg),
                 "train_config": asdict(self.cfg),
                 "model": self.vae.state_dict(),
@@ -240,8 +358,7 @@ class SigmaVAETrainer:
                 "latent_stats": self.latent_stats.to_dict(),
             }, self.ckpt_path)
             log.info("step %d: saved %s and %s", self.step, self.ckpt_path, self.export_path)
-        if self.world_size > 1:
-            dist.barrier()
+        self.barrier()
 
     # --- eval --------------------------------------------------------------------------------------------
 
@@ -249,7 +366,9 @@ class SigmaVAETrainer:
     def evaluate(self) -> dict:
         """Mean PSNR of deterministic reconstructions (encode -> decode, no σ noise) over the held-out set,
         each rank taking every world_size-th image; rank 0 also writes the originals-vs-reconstructions grid.
-        Collective: every rank must call it."""
+        Collective: every rank must call it. {} without held-out images."""
+        if self.eval_set is None:
+            return {}
         vae = self.vae
         vae.eval()
         shard = Subset(self.eval_set, range(self.rank, len(self.eval_set), self.world_size))
@@ -271,8 +390,7 @@ class SigmaVAETrainer:
         vae.train()
         if self.world_size > 1:
             dist.all_reduce(psnr_sum)
-        result = {"step": self.step, "eval/psnr": (psnr_sum[0] / psnr_sum[1]).item(),
-                  "eval/images": int(psnr_sum[1].item())}
+        result = {"psnr": (psnr_sum[0] / psnr_sum[1]).item(), "images": int(psnr_sum[1].item())}
         if self.is_main:
             k = self.cfg.grid_images
             result["grid"] = os.path.join(self.cfg.out_dir, "samples", f"step_{self.step:07d}.png")
@@ -280,48 +398,48 @@ class SigmaVAETrainer:
             save_image_grid(result["grid"], [torch.cat(grid_orig)[:k], torch.cat(grid_recon)[:k]])
         return result
 
-    # --- logging -----------------------------------------------------------------------------------------
-
-    def _open_writers(self) -> None:
-        if not self.is_main:
-            return
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self._tensorboard = SummaryWriter(os.path.join(self.cfg.out_dir, "tb"))
-        if self.cfg.wandb_project:
-            import wandb
-            os.environ.setdefault("WANDB_MODE", "offline")
-            self._wandb = wandb.init(project=self.cfg.wandb_project, dir=self.cfg.out_dir,
-                                     config={"model": asdict(self.model_cfg), "train": asdict(self.cfg)})
-
-    def _log(self, metrics: dict) -> None:
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
-        if self._tensorboard is not None:
-            for k, v in scalars.items():
-                self._tensorboard.add_scalar(k, v, self.step)
-        if self._wandb is not None:
-            self._wandb.log(scalars, step=self.step)
-
     # --- training ----------------------------------------------------------------------------------------
 
-    def _train_step(self, images: torch.Tensor) -> dict:
+    def optimizers(self) -> list:
+        return [opt for opt in (self.opt, self.disc_opt) if opt is not None]
+
+    def train_batches(self):
         cfg = self.cfg
-        factor = lr_factor(self.step, cfg)
-        for opt in filter(None, (self.opt, self.disc_opt)):
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * factor * group.get("lr_scale", 1.0)
+        sampler = InfiniteDistributedSampler(len(self.train_set), self.rank, self.world_size, cfg.seed,
+                                             start=self.step * cfg.batch_size)
+        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+                            persistent_workers=cfg.num_workers > 0)
+        if self.is_main:
+            log.info("σ-VAE: %.1fM params, %d train / %d eval images, world size %d, device %s",
+                     sum(p.numel() for p in self.vae.parameters()) / 1e6, len(self.train_set),
+                     len(self.eval_set) if self.eval_set else 0, self.world_size, self.device)
+        self.vae.train()
+        return (images.to(self.device, non_blocking=True) for images in loader)
+
+    def summary(self, split: str, m: dict) -> str:
+        if split == "eval":
+            return f"PSNR {m['psnr']:.2f} dB ({m['images']} images) | grid {m.get('grid')}"
+        return f"loss {m['loss']:.4f} | mse {m['mse']:.4f} | gnorm {m['grad_norm']:.3f} | lr {m['lr']:.2e}"
+
+    def run_config(self) -> dict:
+        return {"model": asdict(self.model_cfg), "train": asdict(self.cfg)}
+
+    def train_step(self, images: torch.Tensor) -> dict:
+        """One step of the generator (and, once the GAN is on, of the discriminator) at the LR the loop set."""
+        cfg = self.cfg
         use_gan = cfg.gan_enabled and self.step >= cfg.gan_start_step
 
         with self.autocast:
             recon, mu = self.vae_ddp(images)
             loss, mse, prior = sigma_vae_loss(recon, images, mu, self.model_cfg.beta)
             rec_loss = mse  # what the GAN weight balances against: reconstruction (+ perceptual), not the prior
-            metrics = {"train/mse": mse.item(), "train/prior": prior.item()}
+            metrics = {"mse": mse.item(), "prior": prior.item()}
             if self.perceptual is not None:
                 perceptual = self.perceptual(recon, images)
                 rec_loss = rec_loss + cfg.perceptual_weight * perceptual
                 loss = loss + cfg.perceptual_weight * perceptual
-                metrics["train/perceptual"] = perceptual.item()
+                metrics["perceptual"] = perceptual.item()
             if use_gan:
                 # The generator's view of the discriminator: no DDP sync, no gradient into its weights.
                 self.disc.requires_grad_(False)
@@ -329,13 +447,13 @@ class SigmaVAETrainer:
                 self.disc.requires_grad_(True)
                 gan_weight = adaptive_gan_weight(rec_loss, g_loss, self.vae.decoder.to_pixels.weight, cfg.gan_weight)
                 loss = loss + gan_weight * g_loss
-                metrics["train/g_loss"] = g_loss.item()
-                metrics["train/gan_weight"] = gan_weight.item()
+                metrics["g_loss"] = g_loss.item()
+                metrics["gan_weight"] = gan_weight.item()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), cfg.clip_grad)
         self.opt.step()
-        metrics.update({"train/loss": loss.item(), "train/grad_norm": grad_norm.item(), "train/lr": cfg.lr * factor})
+        metrics.update({"loss": loss.item(), "grad_norm": grad_norm.item()})
 
         if use_gan:
             with self.autocast:
@@ -344,93 +462,10 @@ class SigmaVAETrainer:
                 d_loss = hinge_d_loss(*logits.chunk(2))
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.disc.parameters(), cfg.clip_grad)
             self.disc_opt.step()
-            metrics["train/d_loss"] = d_loss.item()
+            metrics["d_loss"] = d_loss.item()
         return metrics
-
-    def train(self) -> dict:
-        """Train up to `max_steps` (continuing a resumed run); returns the last eval metrics (or {})."""
-        cfg = self.cfg
-        self.lease = lease_on_rank0(self.cfg.out_dir, wait=self.cfg.lease_wait)
-        sampler = InfiniteDistributedSampler(len(self.train_set), self.rank, self.world_size, cfg.seed,
-                                             start=self.step * cfg.batch_size)
-        loader = DataLoader(self.train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
-                            persistent_workers=cfg.num_workers > 0)
-        self._open_writers()
-        if self.is_main:
-            log.info("σ-VAE: %.1fM params, %d train / %d eval images, world size %d, device %s",
-                     sum(p.numel() for p in self.vae.parameters()) / 1e6, len(self.train_set),
-                     len(self.eval_set) if self.eval_set else 0, self.world_size, self.device)
-        last_eval: dict = {}
-        progress = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.is_main, desc="σ-VAE",
-                        dynamic_ncols=True)
-        batches = iter(loader)
-        self.vae.train()
-        previous_handlers = self._catch_stop_signals()
-        try:
-            while self.step < cfg.max_steps:
-                images = next(batches).to(self.device, non_blocking=True)
-                metrics = self._train_step(images)
-                stop, non_finite = self._any_rank(self._stop_signal is not None,
-                                                  not math.isfinite(metrics["train/loss"]))
-                if non_finite:  # every rank raises together; the last checkpoint stays the good one
-                    raise FloatingPointError(f"non-finite loss at step {self.step} on some rank: {metrics}")
-                self.step += 1
-                progress.update(1)
-                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
-                    progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", mse=f"{metrics['train/mse']:.4f}")
-                    self._log(metrics)
-                if stop:
-                    self.save_checkpoint()
-                    if self.is_main:
-                        log.info("stop signal (%s): saved at step %d; re-run to resume", self._stop_signal, self.step)
-                    break
-                if self.eval_set is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
-                    last_eval = self.evaluate()
-                    if self.is_main:
-                        self._log(last_eval)
-                        with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                            f.write(json.dumps(last_eval) + "\n")
-                        progress.write(f"step {self.step}: eval PSNR {last_eval['eval/psnr']:.2f} dB "
-                                       f"({last_eval['eval/images']} images), grid {last_eval['grid']}")
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps:
-                    self.save_checkpoint()
-        finally:
-            for signum, handler in previous_handlers.items():
-                signal.signal(signum, handler)
-            progress.close()
-            if self.lease is not None:
-                self.lease.release()
-                self.lease = None
-        return last_eval
-
-    def _catch_stop_signals(self) -> dict:
-        """SIGTERM and SIGUSR1 (Slurm preemption / time limit, e.g. `#SBATCH --signal=USR1@120`) only set a
-        flag; the loop saves a checkpoint at the next step boundary and returns."""
-        self._stop_signal = None
-
-        def request_stop(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-
-        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
-
-    def _any_rank(self, *flags: bool) -> list[bool]:
-        """Each flag OR-ed over ranks, so all ranks stop or fail at the same step instead of hanging."""
-        if self.world_size == 1:
-            return list(flags)
-        t = torch.tensor([float(f) for f in flags], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
-
-    def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        if self._wandb is not None:
-            self._wandb.finish()
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def _chunks(iterable, size):

@@ -41,9 +41,9 @@ def photo_dirs(tmp_path_factory):
 
 
 def tiny_train_config(train_dir, eval_dir, out_dir, **changes) -> TrainConfig:
-    cfg = dict(train_data=str(train_dir), eval_data=str(eval_dir), out_dir=str(out_dir), max_steps=TRAIN_STEPS,
-               batch_size=16, lr=1e-3, warmup_steps=20, crop_min_scale=0.1, eval_every=TRAIN_STEPS,
-               ckpt_every=TRAIN_STEPS, log_every=50, stats_samples=256, num_workers=0, tensorboard=False)
+    cfg = dict(train_data=str(train_dir), eval_data=str(eval_dir), out_dir=str(out_dir), train_steps=TRAIN_STEPS,
+               batch_size=16, lr=1e-3, warmup_steps=20, crop_min_scale=0.1, eval_interval=TRAIN_STEPS,
+               save_interval=TRAIN_STEPS, log_interval=50, stats_samples=256, num_workers=0, tensorboard=False)
     cfg.update(changes)
     return TrainConfig(**cfg)
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from latentlm_mcore.vae import (SIGMA_VAE_PRESETS, LatentStats, SigmaVAE, load_sigma_vae, save_sigma_vae)
-from latentlm_mcore.vae.model import atomic_torch_save, sample_sigma_latents
+from latentlm_mcore.runtime.files import atomic_torch_save
+from latentlm_mcore.vae.model import sample_sigma_latents
 
 TINY = SIGMA_VAE_PRESETS["tiny"]
 

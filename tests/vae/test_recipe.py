@@ -1,5 +1,5 @@
 """The paper's σ-VAE recipe reaches the trainer: the `paper` preset's training defaults, the entry point's
-rule for --max-steps against the recipe's epochs, and what slurm/train_sigma_vae.sh passes by default."""
+rule for --train-steps against the recipe's epochs, and what slurm/train_sigma_vae.sh passes by default."""
 
 import os
 import subprocess
@@ -20,10 +20,10 @@ def test_paper_preset_trains_the_paper_recipe():
     assert train.perceptual_weight == 1.0 and train.gan_enabled and train.gan_start_step == 50_000
     assert train.gan_weight == 0.5 and train.layer_decay == 0.65
     # The command line still wins, and an explicit step count replaces the recipe's epochs.
-    _, short = parse_args(["--preset", "paper", "--train-data", "x", "--max-steps", "10", "--gan-start-step", "-1"])
-    assert short.max_steps == 10 and short.epochs == 0 and not short.gan_enabled
+    _, short = parse_args(["--preset", "paper", "--train-data", "x", "--train-steps", "10", "--gan-start-step", "-1"])
+    assert short.train_steps == 10 and short.epochs == 0 and not short.gan_enabled
     with pytest.raises(SystemExit):
-        parse_args(["--preset", "paper", "--train-data", "x", "--max-steps", "10", "--epochs", "2"])
+        parse_args(["--preset", "paper", "--train-data", "x", "--train-steps", "10", "--epochs", "2"])
 
 
 def test_small_presets_train_without_perceptual_or_gan_losses():
@@ -46,7 +46,7 @@ def test_slurm_launcher_passes_the_paper_recipe(tmp_path):
                INIT_ENCODER="/weights/beit3_base_patch16_224.pth")
     for name in ("PRESET", "VGG16_WEIGHTS", "BATCH_PER_GPU", "TRAIN_DATA"):
         env.pop(name, None)
-    proc = subprocess.run(["bash", "slurm/train_sigma_vae.sh", "--log-every", "50"], cwd=REPO, env=env,
+    proc = subprocess.run(["bash", "slurm/train_sigma_vae.sh", "--log-interval", "50"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     args = record.read_text().splitlines()
@@ -54,7 +54,7 @@ def test_slurm_launcher_passes_the_paper_recipe(tmp_path):
     assert args[args.index("--cpus-per-task") + 1] == "12", "srun must be given the batch's cpus-per-task"
     model, train = parse_args(args[script + 1:])
     assert model.image_size == 256 and model.enc_layers == 12
-    assert train.batch_size == 32 and train.epochs == 200 and train.log_every == 50  # 8 GPUs x 32 = 256
+    assert train.batch_size == 32 and train.epochs == 200 and train.log_interval == 50  # 8 GPUs x 32 = 256
     assert train.perceptual_weight == 1.0 and train.vgg16_weights == "/data/weights/vgg16-397923af.pth"
     assert train.gan_start_step == 50_000 and train.init_encoder == "/weights/beit3_base_patch16_224.pth"
     assert train.train_data == "/data/imagenet/train" and train.out_dir == str(tmp_path / "out")

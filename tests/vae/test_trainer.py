@@ -37,11 +37,15 @@ def test_tiny_sigma_vae_beats_mean_image_psnr(trained_run, photo_dirs):
         trained = psnr(vae.decode(vae.encode(images)), images).mean().item()
     print(f"\nheld-out PSNR after {TRAIN_STEPS} steps: {trained:.2f} dB; mean-image baseline {baseline:.2f} dB")
     assert trained > baseline + 6.0
-    assert result["step"] == TRAIN_STEPS and result["eval/psnr"] == pytest.approx(trained, abs=1e-3)
+    assert result["iteration"] == TRAIN_STEPS and result["psnr"] == pytest.approx(trained, abs=1e-3)
     grid = Image.open(result["grid"])
     assert grid.size == (8 * 34 - 2, 2 * 34 - 2)  # 8 originals over 8 reconstructions, 2px gaps
-    with open(out_dir / "metrics.jsonl") as f:
-        assert json.loads(f.readlines()[-1])["eval/psnr"] == pytest.approx(trained, abs=1e-3)
+    records = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    assert records[-1]["split"] == "eval" and records[-1]["psnr"] == pytest.approx(trained, abs=1e-3)
+    # the train records of every log_interval (50) steps, through the one metrics writer (runtime/metrics.py)
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["iteration"] for r in train] == list(range(50, TRAIN_STEPS + 1, 50))
+    assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in train)
 
 
 def test_encode_then_decode_is_deterministic(trained_run, photo_dirs):
@@ -94,18 +98,18 @@ def test_stored_latent_stats_give_unit_scale_on_heldout_crops(trained_run, photo
 
 
 def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(photo_dirs, tmp_path, monkeypatch):
-    cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=6, ckpt_every=2, eval_data="", stats_samples=16,
+    cfg = tiny_train_config(*photo_dirs, tmp_path, train_steps=6, save_interval=2, eval_data="", stats_samples=16,
                             batch_size=4)
     model_cfg = SIGMA_VAE_PRESETS["tiny"]
     crashing = SigmaVAETrainer(model_cfg, cfg)
-    real_step = crashing._train_step
+    real_step = crashing.train_step
 
     def crash_at_step_3(images):
         if crashing.step == 3:
             raise RuntimeError("simulated node failure")
         return real_step(images)
 
-    monkeypatch.setattr(crashing, "_train_step", crash_at_step_3)
+    monkeypatch.setattr(crashing, "train_step", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated"):
         crashing.train()
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
@@ -122,17 +126,17 @@ def test_failed_run_keeps_last_checkpoint_and_rerun_resumes(photo_dirs, tmp_path
 
 
 def test_stop_signal_saves_and_exits_at_the_next_step(photo_dirs, tmp_path, monkeypatch):
-    cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=50, ckpt_every=50, eval_data="", stats_samples=16,
+    cfg = tiny_train_config(*photo_dirs, tmp_path, train_steps=50, save_interval=50, eval_data="", stats_samples=16,
                             batch_size=4)
     trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
-    real_step = trainer._train_step
+    real_step = trainer.train_step
 
     def preempted_at_step_2(images):
         if trainer.step == 2:
             os.kill(os.getpid(), signal.SIGUSR1)  # what Slurm sends before the time limit
         return real_step(images)
 
-    monkeypatch.setattr(trainer, "_train_step", preempted_at_step_2)
+    monkeypatch.setattr(trainer, "train_step", preempted_at_step_2)
     previous = signal.getsignal(signal.SIGUSR1)
     trainer.train()
     assert trainer.step == 3
@@ -148,13 +152,13 @@ def test_gan_and_perceptual_losses_switch_on_after_gan_start_step(photo_dirs, tm
     trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
     images = torch.stack([trainer.train_set[0], trainer.train_set[1]])
     disc_before = [p.detach().clone() for p in trainer.disc.parameters()]
-    before = trainer._train_step(images)
-    assert "train/perceptual" in before and "train/d_loss" not in before and "train/g_loss" not in before
+    before = trainer.train_step(images)
+    assert "perceptual" in before and "d_loss" not in before and "g_loss" not in before
     assert all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
     trainer.step = 2
-    after = trainer._train_step(images)
-    assert np.isfinite(after["train/d_loss"]) and np.isfinite(after["train/g_loss"])
-    assert 0 < after["train/gan_weight"] < 0.5 * 1e4  # adaptive (factor 0.5), not the old fixed 0.1
+    after = trainer.train_step(images)
+    assert np.isfinite(after["d_loss"]) and np.isfinite(after["g_loss"])
+    assert 0 < after["gan_weight"] < 0.5 * 1e4  # adaptive (factor 0.5), not the old fixed 0.1
     assert not all(torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters()))
 
 
@@ -195,7 +199,7 @@ def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_clus
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "REPO_DIR"):
         env.pop(name, None)
     common = ["--train-data", str(photo_dirs[0]), "--eval-data", str(photo_dirs[1]), "--batch-size", "4",
-              "--ckpt-every", "2", "--eval-every", "2", "--stats-samples", "16", "--num-workers", "0",
+              "--save-interval", "2", "--eval-interval", "2", "--stats-samples", "16", "--num-workers", "0",
               "--tensorboard", "false"]
 
     def run(cmd, extra_env):
@@ -214,7 +218,7 @@ def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_clus
                    PYTHON=sys.executable, OUT_DIR=str(out_dir), PRESET="tiny", WANDB_PROJECT="",
                    MASTER_PORT=str(master_port))
     sbatch = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0",
-              "--time=5", f"--output={job_log}", os.path.join("slurm", "train_sigma_vae.sh"), "--max-steps", "2"]
+              "--time=5", f"--output={job_log}", os.path.join("slurm", "train_sigma_vae.sh"), "--train-steps", "2"]
     submit = subprocess.run(sbatch + common, env=job_env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().split(";")[0]
@@ -251,17 +255,18 @@ def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_clus
                  "MASTER_PORT": str(master_port)} for r in range(2)]
     assert tasks == expected, first[-5000:]
     # Each evaluated half of the 12 held-out images and the counts were summed.
-    assert [(e["step"], e["eval/images"]) for e in map(json.loads, open(out_dir / "metrics.jsonl"))] == [(2, 12)]
+    evals = [e for e in map(json.loads, open(out_dir / "metrics.jsonl")) if e["split"] == "eval"]
+    assert [(e["iteration"], e["images"]) for e in evals] == [(2, 12)]
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
                 "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
                 os.path.join(REPO, "pretrain", "train_sigma_vae.py"), "--preset", "tiny", "--out-dir", str(out_dir),
-                "--max-steps", "4"] + common
+                "--train-steps", "4"] + common
     second = run(torchrun, {})
     assert "resumed" in second and "at step 2" in second and "world size 2" in second
-    evals = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
-    assert [e["step"] for e in evals] == [2, 4]
-    assert all(e["eval/images"] == 12 for e in evals)  # each rank evaluated half; the counts were summed
+    evals = [e for e in map(json.loads, open(out_dir / "metrics.jsonl")) if e["split"] == "eval"]
+    assert [e["iteration"] for e in evals] == [2, 4]
+    assert all(e["images"] == 12 for e in evals)  # each rank evaluated half; the counts were summed
     assert torch.load(out_dir / "checkpoint.pt", weights_only=True)["step"] == 4
     assert load_sigma_vae(out_dir / "sigma_vae.pt").latent_stats is not None
 
@@ -285,7 +290,7 @@ def test_layer_decay_only_for_a_pretrained_encoder_which_resume_keeps(photo_dirs
     assert {g["lr_scale"] for g in scratch.opt.param_groups} == {1.0}  # a random encoder learns at the full LR
 
     hf = _save_hf_vit(tmp_path / "vit.safetensors")
-    cfg = tiny_train_config(*photo_dirs, tmp_path / "pretrained", layer_decay=0.5, max_steps=1, ckpt_every=1,
+    cfg = tiny_train_config(*photo_dirs, tmp_path / "pretrained", layer_decay=0.5, train_steps=1, save_interval=1,
                             eval_data="", stats_samples=8, batch_size=2, init_encoder=str(tmp_path / "vit.safetensors"))
     trainer = SigmaVAETrainer(model_cfg, cfg)
     assert trainer.encoder_init.layout == "hf"
@@ -296,7 +301,7 @@ def test_layer_decay_only_for_a_pretrained_encoder_which_resume_keeps(photo_dirs
     trainer.train()
     # A resumed run takes its weights from the checkpoint (the file may be gone) and must keep the decay choice.
     (tmp_path / "vit.safetensors").unlink()
-    resumed = SigmaVAETrainer(model_cfg, replace(cfg, max_steps=2))
+    resumed = SigmaVAETrainer(model_cfg, replace(cfg, train_steps=2))
     assert resumed.step == 1 and resumed.encoder_init is None
     with pytest.raises(ValueError, match="init_encoder.*layer-wise LR decay"):
         SigmaVAETrainer(model_cfg, replace(cfg, init_encoder=""))
@@ -305,7 +310,7 @@ def test_layer_decay_only_for_a_pretrained_encoder_which_resume_keeps(photo_dirs
 def test_epochs_set_the_number_of_steps(photo_dirs, tmp_path):
     cfg = tiny_train_config(*photo_dirs, tmp_path, epochs=5, batch_size=3, eval_data="")
     trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], cfg)
-    assert len(trainer.train_set) == 2 and trainer.cfg.max_steps == 4  # ceil(5 x 2 images / 3 per step)
+    assert len(trainer.train_set) == 2 and trainer.cfg.train_steps == 4  # ceil(5 x 2 images / 3 per step)
 
 
 def test_perceptual_loss_without_weights_file_is_a_clear_error(photo_dirs, tmp_path):
@@ -324,7 +329,7 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_resume_refuses_a_checkpoint_that_runs_code_when_loaded(photo_dirs, tmp_path):
-    cfg = tiny_train_config(*photo_dirs, tmp_path, max_steps=2, ckpt_every=2, eval_data="", stats_samples=16,
+    cfg = tiny_train_config(*photo_dirs, tmp_path, train_steps=2, save_interval=2, eval_data="", stats_samples=16,
                             batch_size=4)
     marker = tmp_path / "code_ran"
     torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled(str(marker))}, tmp_path / "checkpoint.pt")
@@ -342,7 +347,7 @@ def test_a_second_run_into_a_held_out_dir_is_refused_and_writes_nothing(photo_di
 
     holder = start_holder(tmp_path)  # another live run's lease on out_dir
     try:
-        trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, max_steps=2))
+        trainer = SigmaVAETrainer(SIGMA_VAE_PRESETS["tiny"], tiny_train_config(*photo_dirs, tmp_path, train_steps=2))
         with pytest.raises(LeaseHeld, match=f"pid {holder.pid} on {socket.gethostname()}"):
             trainer.train()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["LEASE"]
