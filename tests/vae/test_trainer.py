@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ from latentlm_mcore.vae import SIGMA_VAE_PRESETS, load_sigma_vae
 from latentlm_mcore.vae.data import ImageDataset, list_images
 from latentlm_mcore.vae.model import sample_sigma_latents
 from latentlm_mcore.vae.losses import _vgg16_features
-from latentlm_mcore.vae.trainer import SigmaVAETrainer, psnr
+from latentlm_mcore.vae.trainer import SigmaVAETrainer, TrainConfig, VAETrainer, psnr
 from tests.vae.conftest import TRAIN_STEPS, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -355,3 +356,64 @@ def test_a_second_run_into_a_held_out_dir_is_refused_and_writes_nothing(photo_di
         holder.communicate("\n", timeout=30)
     trainer.train()  # released: the same trainer now runs
     assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "LEASE").read_text() == ""
+
+
+class _SignalKind(VAETrainer):
+    """A second σ-VAE model kind as the loop sees one (1-D, like audio): a linear autoencoder of random signals,
+    its own data, loss and checkpoint, and nothing of the loop copied."""
+
+    def __init__(self, cfg, nan_at_step=None):
+        super().__init__(cfg)
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.Linear(4, 16))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
+        self.nan_at_step, self.lrs, self.saved = nan_at_step, [], []
+
+    def train_batches(self):
+        generator = torch.Generator().manual_seed(self.step)
+        while True:
+            yield torch.randn(8, 16, generator=generator)
+
+    def optimizers(self):
+        return [self.opt]
+
+    def train_step(self, batch):
+        self.lrs.append(self.opt.param_groups[0]["lr"])
+        loss = (self.model(batch) - batch).pow(2).mean()
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return {"loss": float("nan") if self.step == self.nan_at_step else loss.item()}
+
+    def evaluate(self):
+        with torch.no_grad():
+            signal_ = torch.randn(64, 16, generator=torch.Generator().manual_seed(99))
+            return {"mse": (self.model(signal_) - signal_).pow(2).mean().item()}
+
+    def save_checkpoint(self):
+        self.saved.append(self.step)
+        self.publish({"step": self.step, "model": self.model.state_dict()}, os.path.join(self.cfg.out_dir, "ckpt.pt"))
+
+
+def test_a_second_model_kind_trains_on_the_same_loop(tmp_path):
+    cfg = TrainConfig(out_dir=str(tmp_path), train_steps=7, lr=0.1, min_lr_ratio=0.1, warmup_steps=2, log_interval=3,
+                      eval_interval=5, save_interval=4, tensorboard=False)
+    kind = _SignalKind(cfg)
+    result = kind.train()
+    kind.close()
+    # warmup to 0.1 over 2 steps, then a cosine to 0.01 at step 7 (written out here, not runtime/schedule.py)
+    want = [0.05, 0.1] + [0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 5)) for s in range(2, 7)]
+    assert kind.lrs == pytest.approx(want)
+    assert kind.saved == [4, 7] and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 7
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(r["iteration"], r["split"]) for r in records] == [(3, "train"), (5, "eval"), (6, "train"), (7, "train"),
+                                                               (7, "eval")]
+    assert records[-1]["mse"] == result["mse"] and result["iteration"] == 7
+    assert [r["lr"] for r in records if r["split"] == "train"] == pytest.approx([want[2], want[5], want[6]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LEASE", "ckpt.pt", "metrics.jsonl"]
+
+    # a non-finite loss stops every rank at that step; the checkpoint before it stays the good one
+    failing = _SignalKind(replace(cfg, out_dir=str(tmp_path / "nan"), save_interval=2), nan_at_step=3)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 3"):
+        failing.train()
+    assert failing.saved == [2] and torch.load(tmp_path / "nan" / "ckpt.pt", weights_only=True)["step"] == 2
