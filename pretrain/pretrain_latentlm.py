@@ -44,7 +44,7 @@ def main(argv=None):
     overrides = {f"{group}.{k}": v for group in ("model", "train", "parallel")
                  for k, v in config_overrides(args, f"{group}.").items()}
     cfg = apply_overrides(get_preset(args.preset), overrides)
-    run = apply_overrides(RunConfig(), config_overrides(args))
+    run = apply_overrides(RunConfig(), config_overrides(args, cls=RunConfig))
     try:
         summary = pretrain(cfg, run)
     except PreflightError as e:  # every rank refuses alike; one says why

@@ -31,11 +31,14 @@ def add_config_arguments(parser, cls, prefix: str = "") -> None:
                             help=f"(default: {default})")
 
 
-def config_overrides(args, prefix: str = "") -> dict:
+def config_overrides(args, prefix: str = "", cls=None) -> dict:
     """The options given on the command line for fields with `prefix`, as {field: raw string}. Without a
-    prefix: the options of no section (names without a dot)."""
+    prefix: the options of no section (names without a dot). With `cls`: only that dataclass's fields (other
+    options of the entry point, e.g. --preset, are not config fields)."""
+    names = {f.name for f in fields(cls)} if cls is not None else None
     return {k[len(prefix):]: v for k, v in vars(args).items()
-            if v is not None and k.startswith(prefix) and (prefix or "." not in k)}
+            if v is not None and k.startswith(prefix) and (prefix or "." not in k)
+            and (names is None or k[len(prefix):] in names)}
 
 
 def apply_overrides(cfg, overrides: dict):

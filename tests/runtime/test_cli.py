@@ -67,15 +67,16 @@ def test_every_field_round_trips_through_its_option(cls, prefix, base, read):
 
 def test_pretraining_flags_keep_their_spelling():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny")  # an entry point's own option: not a config field
     add_config_arguments(parser, RunConfig)
     for cls, section in ((ModelConfig, "model."), (TrainConfig, "train."), (ParallelConfig, "parallel.")):
         add_config_arguments(parser, cls, section)
     args = parser.parse_args(["--save", "runs/x", "--log-interval", "3", "--fp8", "hybrid", "--exit-after", "none",
                               "--train.train-steps", "5", "--parallel.tensor-parallel", "2",
                               "--model.num-query-groups", "2", "--tensorboard", "false"])
-    assert config_overrides(args) == {"save": "runs/x", "log_interval": "3", "fp8": "hybrid", "exit_after": "none",
+    assert config_overrides(args, cls=RunConfig) == {"save": "runs/x", "log_interval": "3", "fp8": "hybrid", "exit_after": "none",
                                       "tensorboard": "false"}
-    run = apply_overrides(RunConfig(), config_overrides(args))
+    run = apply_overrides(RunConfig(), config_overrides(args, cls=RunConfig))
     assert (run.save, run.log_interval, run.fp8, run.exit_after, run.tensorboard) == ("runs/x", 3, "hybrid", None, False)
     with pytest.raises(SystemExit):
         parser.parse_args(["--fp8", "e5m2"])  # not a choice
