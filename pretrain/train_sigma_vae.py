@@ -40,12 +40,11 @@ def parse_args(argv=None):
     add_config_arguments(parser.add_argument_group("training"), TrainConfig)
     add_config_arguments(parser.add_argument_group("model (preset overrides)"), SigmaVAEConfig, "model.")
     args = parser.parse_args(argv)
-    preset = vars(args).pop("preset")
-    model_cfg = apply_overrides(SIGMA_VAE_PRESETS[preset], config_overrides(args, "model."))
-    given = config_overrides(args)
+    model_cfg = apply_overrides(SIGMA_VAE_PRESETS[args.preset], config_overrides(args, "model."))
+    given = config_overrides(args, cls=TrainConfig)
     if "train_steps" in given and "epochs" in given:
         parser.error("give --train-steps or --epochs, not both")
-    recipe = dict(TRAIN_PRESETS.get(preset, {}))
+    recipe = dict(TRAIN_PRESETS.get(args.preset, {}))
     if "train_steps" in given:
         recipe.pop("epochs", None)
     return model_cfg, apply_overrides(TrainConfig(**recipe), given)
