@@ -1,0 +1,86 @@
+"""The micro-batches one training rank reads: the packed loader of its data-parallel rank, or seeded random
+batches in the same format (throughput measurements), with the position every DP rank reached for checkpoints.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import parallel_state
+
+from latentlm_mcore.config import LatentLMConfig, RunConfig
+from latentlm_mcore.training.synthetic import random_packed_batch
+
+
+class DataStream:
+    """Micro-batches for this rank: the packed loader of its DP rank, or seeded random batches."""
+
+    def __init__(self, cfg: LatentLMConfig, run: RunConfig, root: str | None, micro_batch_size: int, seed: int):
+        self.cfg = cfg
+        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        self.dp_rank, self.dp_size, self.mbs, self.seed = dp_rank, dp_size, micro_batch_size, seed
+        self.loader = None
+        self.random_batches_served = 0
+        if root is not None:
+            from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture, parse_proportions
+            from latentlm_mcore.data.loader.packed import LoaderConfig, PackedLoader
+
+            cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
+            mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache, unit=run.mixture_unit,
+                                                  proportions=parse_proportions(run.proportions), seed=seed))
+            if mixture.latent_dim != cfg.model.latent_dim:
+                raise ValueError(f"{root}: latents have dim {mixture.latent_dim}, the model expects "
+                                 f"{cfg.model.latent_dim} (model.latent_dim)")
+            tokenizer = mixture.manifest["tokenizer"]
+            if tokenizer["vocab_size"] > cfg.model.vocab_size:
+                raise ValueError(f"{root}: tokenizer {tokenizer['spec']} needs a vocabulary of {tokenizer['vocab_size']}, "
+                                 f"the model has {cfg.model.vocab_size} (model.vocab_size)")
+            self.loader = PackedLoader(mixture, LoaderConfig(
+                seq_length=cfg.model.seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                dp_world_size=dp_size, condition_dropout=run.condition_dropout, num_workers=run.num_workers,
+                image_first_share=run.image_first_share, sample_latents=run.sample_latents))
+
+    @property
+    def manifest(self) -> dict | None:
+        """The dataset's manifest (tokenizer, σ-VAE, latent statistics), None for random batches."""
+        return self.loader.mixture.manifest if self.loader is not None else None
+
+    def __iter__(self):
+        if self.loader is not None:
+            yield from self.loader
+            return
+        m = self.cfg.model
+        while True:  # random batches, distinct per DP rank and step: throughput measurements only
+            index = self.random_batches_served * self.dp_size + self.dp_rank
+            self.random_batches_served += 1
+            yield random_packed_batch(self.mbs, m.seq_length, m.vocab_size, m.latent_dim,
+                                      num_latents=min(256, m.seq_length // 4), images_per_sequence=1,
+                                      seed=self.seed * 1_000_003 + index)
+
+    def state_dicts(self) -> list:
+        """This position for every DP rank (same list on all ranks), for the checkpoint."""
+        mine = self.loader.state_dict() if self.loader is not None else {"random_batches_served": self.random_batches_served}
+        states = [None] * self.dp_size
+        torch.distributed.all_gather_object(states, mine, group=parallel_state.get_data_parallel_group())
+        return states
+
+    def load_state_dicts(self, states: list) -> None:
+        if self.loader is not None:
+            self.loader.load_state_dict(states)
+        else:
+            self.random_batches_served = states[0]["random_batches_served"] * len(states) // self.dp_size
+
+
+class CountingIterator:
+    """Passes micro-batches through and counts their diffusion targets (for model FLOPs)."""
+
+    def __init__(self, it):
+        self.it, self.latent_targets = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.latent_targets += int(batch["diffusion_mask"].sum())
+        return batch
