@@ -44,7 +44,7 @@ def training_step_tokens_per_second(preset: str, seq_length: int, micro_batch_si
     from latentlm_mcore.config import ParallelConfig, RunConfig, get_preset
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
     from latentlm_mcore.training.step import device_batch
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
     from latentlm_mcore.training.trainer import Trainer
 
     cfg = get_preset(preset)

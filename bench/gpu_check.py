@@ -55,7 +55,7 @@ def small_preset():
 
 
 def batches(cfg, seed: int):
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
     m, i = cfg.model, 0
     while True:

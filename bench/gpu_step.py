@@ -32,7 +32,7 @@ def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, st
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
     from latentlm_mcore.training.flops import training_flops
     from latentlm_mcore.training.metrics import device_peak_tflops
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
     from latentlm_mcore.training.trainer import Trainer
 
     cfg = get_preset(preset)

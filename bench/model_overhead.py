@@ -23,7 +23,7 @@ from latentlm_mcore.model.loss import count_targets, diffusion_weight
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.flops import training_flops
 from latentlm_mcore.training.step import device_batch
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
 
 def latentlm_step(model, batch):

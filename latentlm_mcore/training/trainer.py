@@ -130,7 +130,7 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
 
     try:
         trainer = Trainer(cfg, run)
-        summary = trainer.fit(DataStream(cfg, run, run.data, cfg.train.micro_batch_size, cfg.train.seed),
+        summary = trainer.fit(trainer.data_stream(run.data, cfg.train.seed),
                               may_publish, peak)
         shutdown_distributed()
         return summary
@@ -184,6 +184,17 @@ class Trainer:
         self.iteration, self.consumed_tokens = 0, 0
         self.data: DataStream | None = None  # the training stream `fit` reads (its position is checkpointed)
 
+    def data_stream(self, root: str | None, seed: int) -> DataStream:
+        """This rank's micro-batches of the dataset at `root` (None: random batches)."""
+        return DataStream(self.cfg, self.run, root, self.cfg.train.micro_batch_size, seed,
+                          parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+
+    def data_positions(self) -> list:
+        """The training stream's position on every DP rank (the same list on all ranks), for the checkpoint."""
+        states = [None] * parallel_state.get_data_parallel_world_size()
+        torch.distributed.all_gather_object(states, self.data.state_dict(), group=parallel_state.get_data_parallel_group())
+        return states
+
     @property
     def num_microbatches(self) -> int:
         t = self.cfg.train
@@ -216,7 +227,7 @@ class Trainer:
         cfg, run = self.cfg, self.run
         result = {}
         if run.eval_data:
-            data = DataStream(cfg, run, run.eval_data, cfg.train.micro_batch_size, seed=cfg.train.seed + 1)
+            data = self.data_stream(run.eval_data, seed=cfg.train.seed + 1)
             result = self.evaluate(self.per_chunk(iter(data)), run.eval_iters)
             result["lm ppl"] = math.exp(min(result["lm loss"], 50.0))
         for callback in self.callbacks:
@@ -226,7 +237,7 @@ class Trainer:
     def save_checkpoint(self, provenance: dict | None = None, may_publish=None) -> str:
         """The full training state as checkpoint `iteration` in `run.save`, published atomically."""
         common = {"consumed_tokens": self.consumed_tokens,
-                  "data": self.data.state_dicts() if self.data is not None else None,
+                  "data": self.data_positions() if self.data is not None else None,
                   "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
         with params_synced(self.chunks):
             return save_checkpoint(self.run.save, self.iteration, self.chunks, self.optimizer, self.scheduler,

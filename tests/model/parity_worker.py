@@ -20,7 +20,7 @@ from latentlm_mcore.model import build_model, local_block_spec, transformer_conf
 from latentlm_mcore.training.checkpoint import load_model, save_model
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.step import evaluate, forward_backward, params_synced
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
 from latentlm_mcore.training.trainer import Trainer
 
 MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=256,

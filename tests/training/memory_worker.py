@@ -38,7 +38,7 @@ def main():
 
     from latentlm_mcore.config import LatentLMConfig
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
     from latentlm_mcore.training.trainer import Trainer
 
     cfg = LatentLMConfig("memory-check", model, TrainConfig(global_batch_size=2 * dp, micro_batch_size=1),

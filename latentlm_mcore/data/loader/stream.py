@@ -9,15 +9,16 @@ import torch
 from megatron.core import parallel_state
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
 
 class DataStream:
-    """Micro-batches for this rank: the packed loader of its DP rank, or seeded random batches."""
+    """Micro-batches for data-parallel rank `dp_rank` of `dp_size`: its packed loader, or seeded random
+    batches. Tensor / pipeline peers of a DP rank pass the same dp_rank and read the same batches."""
 
-    def __init__(self, cfg: LatentLMConfig, run: RunConfig, root: str | None, micro_batch_size: int, seed: int):
+    def __init__(self, cfg: LatentLMConfig, run: RunConfig, root: str | None, micro_batch_size: int, seed: int,
+                 dp_rank: int, dp_size: int):
         self.cfg = cfg
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         self.dp_rank, self.dp_size, self.mbs, self.seed = dp_rank, dp_size, micro_batch_size, seed
         self.loader = None
         self.random_batches_served = 0
@@ -57,14 +58,12 @@ class DataStream:
                                       num_latents=min(256, m.seq_length // 4), images_per_sequence=1,
                                       seed=self.seed * 1_000_003 + index)
 
-    def state_dicts(self) -> list:
-        """This position for every DP rank (same list on all ranks), for the checkpoint."""
-        mine = self.loader.state_dict() if self.loader is not None else {"random_batches_served": self.random_batches_served}
-        states = [None] * self.dp_size
-        torch.distributed.all_gather_object(states, mine, group=parallel_state.get_data_parallel_group())
-        return states
+    def state_dict(self) -> dict:
+        """This rank's position; the trainer gathers those of every DP rank into the checkpoint."""
+        return self.loader.state_dict() if self.loader is not None else {"random_batches_served": self.random_batches_served}
 
     def load_state_dicts(self, states: list) -> None:
+        """The positions of every DP rank of the saving run (any DP size)."""
         if self.loader is not None:
             self.loader.load_state_dict(states)
         else:
