@@ -42,7 +42,10 @@ class Generator:
 
     @classmethod
     def from_hf_folder(cls, folder: str, use_cache: bool = True) -> "Generator":
-        import latentlm_mcore.hf  # noqa: F401  (makes transformers importable beside a broken torchvision)
+        # transformers imports torchvision when installed: mend a broken one first (what importing
+        # latentlm_mcore.hf does; called directly so that inference never imports hf, which imports inference)
+        from latentlm_mcore.compat.torchvision_ops import make_torchvision_importable
+        make_torchvision_importable()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not os.path.isfile(os.path.join(folder, "config.json")):

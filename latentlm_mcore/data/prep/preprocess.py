@@ -1,4 +1,4 @@
-"""Raw JSONL documents -> text ids + σ-VAE latents -> MDS shards (DESIGN §4).
+"""Raw JSONL documents -> text ids + σ-VAE latents -> MDS shards (formats: `data/schema.py`).
 
 The Transformer never runs the VAE: every image is encoded once here. Work is split over a Slurm job
 array (by file, or by line when there are fewer files than tasks: see `iter_raw_lines`), each task
