@@ -8,7 +8,8 @@ their input embedding; `diffusion_head` generates the next latent from the last 
 (`transformers.DynamicCache`). `load_sigma_vae` reads the σ-VAE shipped in the folder.
 
 This file and the files it imports are copied into every exported folder by `hf/convert.py`
-(`write_remote_code`), which rewrites the `latentlm_mcore...` imports below into relative ones: the folder runs with `trust_remote_code=True` and without this package.
+(`write_remote_code`), which rewrites the `latentlm_mcore...` imports below into relative ones:
+the folder runs with `trust_remote_code=True` and without this package.
 """
 from __future__ import annotations
 
