@@ -32,6 +32,7 @@ from latentlm_mcore.training.distributed import init_distributed, shutdown_distr
 from latentlm_mcore.training.flops import training_flops
 from latentlm_mcore.training.metrics import MetricsLogger, device_peak_tflops
 from latentlm_mcore.training.preflight import check_pretrain, describe_pretrain, probe_machine
+from latentlm_mcore.training.provenance import Provenance
 from latentlm_mcore.training.ranks import rank_and_world_from_env
 from latentlm_mcore.training.step import build_optimizer, evaluate, params_synced, train_step, wrap_with_ddp
 
@@ -234,7 +235,7 @@ class Trainer:
             result.update(callback.on_evaluate(self))
         return result
 
-    def save_checkpoint(self, provenance: dict | None = None, may_publish=None) -> str:
+    def save_checkpoint(self, provenance: Provenance | None = None, may_publish=None) -> str:
         """The full training state as checkpoint `iteration` in `run.save`, published atomically."""
         common = {"consumed_tokens": self.consumed_tokens,
                   "data": self.data_positions() if self.data is not None else None,
@@ -276,10 +277,8 @@ class Trainer:
                   if rank0 else None)
         world = torch.distributed.get_world_size()
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
-        provenance = {"data": run.data}
-        if data.manifest is not None:  # what generation and export need to read and write this model's data
-            provenance.update(tokenizer=data.manifest["tokenizer"]["spec"],
-                              sigma_vae=(data.manifest.get("vae") or {}).get("path"))
+        # what generation and export need to read and write this model's data (None: random batches)
+        provenance = Provenance.from_manifest(data.manifest, run.data) if data.manifest is not None else None
 
         def checkpoint():
             self.save_checkpoint(provenance, may_publish)
