@@ -1,12 +1,10 @@
 """The micro-batches one training rank reads: the packed loader of its data-parallel rank, or seeded random
-batches in the same format (throughput measurements), with the position every DP rank reached for checkpoints.
+batches in the same format (throughput measurements), with this rank's position for checkpoints. No Megatron here:
+the trainer passes the data-parallel rank and gathers the positions.
 """
 from __future__ import annotations
 
 import os
-
-import torch
-from megatron.core import parallel_state
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
 from latentlm_mcore.data.loader.synthetic import random_packed_batch
