@@ -37,31 +37,33 @@ def training_step_tokens_per_second(preset: str, seq_length: int, micro_batch_si
     """Tokens/s one training step of `preset` consumes on this machine: one process, megatron DDP +
     optimizer + schedule exactly as in pretraining, on packed batches of [micro_batch_size, seq_length]
     (two warm-up steps, then the median of `steps`)."""
+    import dataclasses
     import socket
     import statistics
 
-    from latentlm_mcore.config import ParallelConfig, get_preset
-    from latentlm_mcore.model import build_model, transformer_config
+    from latentlm_mcore.config import ParallelConfig, RunConfig, get_preset
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-    from latentlm_mcore.training.step import build_optimizer, device_batch, train_step, wrap_with_ddp
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.training.step import device_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
+    from latentlm_mcore.training.trainer import Trainer
 
     cfg = get_preset(preset)
-    m, parallel = cfg.model, ParallelConfig(distributed_optimizer=False)
+    cfg.parallel = parallel = ParallelConfig(distributed_optimizer=False)
+    cfg.train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch_size, global_batch_size=micro_batch_size)
+    m = cfg.model
     m.seq_length = seq_length
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         os.environ.setdefault("MASTER_PORT", str(sock.getsockname()[1]))
     init_distributed(parallel, seed=0)
-    chunks = wrap_with_ddp([build_model(m, transformer_config(m, parallel))], parallel)
-    optimizer = build_optimizer(chunks, cfg.train, parallel)
+    trainer = Trainer(cfg, RunConfig(precision="fp32"))
     latents = min(16, seq_length // 4)
     batches = (device_batch(random_packed_batch(micro_batch_size, seq_length, m.vocab_size, m.latent_dim, latents,
                                                 1, seed=i)) for i in range(10**9))
     times = []
     for i in range(2 + steps):
         t0 = time.perf_counter()
-        train_step(chunks, optimizer, batches, 1, seq_length, micro_batch_size)
+        trainer.step(batches)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     shutdown_distributed()

@@ -55,7 +55,7 @@ def small_preset():
 
 
 def batches(cfg, seed: int):
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
     m, i = cfg.model, 0
     while True:
@@ -65,20 +65,13 @@ def batches(cfg, seed: int):
 
 
 def build(cfg, run):
-    from latentlm_mcore.training.step import build_optimizer, wrap_with_ddp
-    from latentlm_mcore.training.trainer import build_model_chunks
+    from latentlm_mcore.training.trainer import Trainer
 
-    _, chunks, dtype = build_model_chunks(cfg, run)
-    chunks = wrap_with_ddp(chunks, cfg.parallel)
-    return chunks, build_optimizer(chunks, cfg.train, cfg.parallel, params_dtype=dtype)
+    return Trainer(cfg, run)
 
 
-def train_steps(cfg, chunks, optimizer, data, steps: int) -> list[float]:
-    from latentlm_mcore.training.step import train_step
-
-    n = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    return [train_step(chunks, optimizer, data, n, cfg.model.seq_length, cfg.train.micro_batch_size)["loss"]
-            for _ in range(steps)]
+def train_steps(trainer, data, steps: int) -> list[float]:
+    return [trainer.step(data)["loss"] for _ in range(steps)]
 
 
 def run_config(**kw):
@@ -98,15 +91,15 @@ def part_a(cfg, tmp: Path) -> dict:
 
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     try:
-        chunks, optimizer = build(cfg, run_config())
-        model = unwrap_model(chunks)[0]
+        trainer = build(cfg, run_config())
+        model = unwrap_model(trainer.chunks)[0]
         group = parallel_state.get_tensor_model_parallel_group()
         backend = torch.distributed.get_backend(group)
         devices = sorted({str(p.device) for p in model.parameters()})
         src = torch.distributed.get_global_rank(group, 0)
         for p in model.replicated_params():  # what __init__ does at TP > 1, here over the one-rank group
             torch.distributed.broadcast(p.data, src=src, group=group)
-        losses = train_steps(cfg, chunks, optimizer, batches(cfg, 0), 2)
+        losses = train_steps(trainer, batches(cfg, 0), 2)
     finally:
         shutdown_distributed()
     ok = len(devices) == 1 and all(map(_finite, losses))
@@ -144,9 +137,9 @@ def part_c(cfg, tmp: Path) -> dict:
     directory = tmp / "generation_ckpt" / "iter_0000002"
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     try:
-        chunks, optimizer = build(cfg, run_config())
-        train_steps(cfg, chunks, optimizer, batches(cfg, 1), 2)
-        save_model(chunks, str(directory))
+        trainer = build(cfg, run_config())
+        train_steps(trainer, batches(cfg, 1), 2)
+        save_model(trainer.chunks, str(directory))
         save_run_config(str(directory), cfg)
     finally:
         shutdown_distributed()
@@ -166,10 +159,10 @@ def part_c(cfg, tmp: Path) -> dict:
 
 
 def part_d(cfg, tmp: Path) -> dict:
-    from latentlm_mcore.training import metrics
+    from latentlm_mcore.runtime import metrics
     from latentlm_mcore.training.trainer import pretrain
 
-    metrics.MetricsLogger.plot = lambda self: None  # the loss-curve PNG (matplotlib) is not under test here
+    metrics.MetricsLogger.plot = lambda self, keys, name="loss_curve.png": None  # the loss-curve PNG (matplotlib) is not under test here
 
     def losses(save: Path) -> list[float]:
         records = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -194,15 +187,15 @@ def part_e(cfg, tmp: Path, on_gpu: bool) -> dict:
 
     init_distributed(cfg.parallel, seed=cfg.train.seed)
     try:
-        chunks, optimizer = build(cfg, run_config())
+        trainer = build(cfg, run_config())
         data = batches(cfg, 2)
-        train_steps(cfg, chunks, optimizer, data, 2)  # warm up: allocator, first-call setup
+        train_steps(trainer, data, 2)  # warm up: allocator, first-call setup
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_steps(cfg, chunks, optimizer, data, 1)
+                train_steps(trainer, data, 1)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     finally:
@@ -222,8 +215,8 @@ def part_f(cfg, tmp: Path) -> dict:
     for recompute in (None, "selective", "full"):
         init_distributed(cfg.parallel, seed=cfg.train.seed)
         try:
-            chunks, optimizer = build(cfg, run_config(recompute=recompute))
-            out[recompute or "none"] = train_steps(cfg, chunks, optimizer, batches(cfg, 3), 2)
+            trainer = build(cfg, run_config(recompute=recompute))
+            out[recompute or "none"] = train_steps(trainer, batches(cfg, 3), 2)
         finally:
             shutdown_distributed()
     ref = out["none"]

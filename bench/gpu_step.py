@@ -26,21 +26,23 @@ RESULTS = Path(__file__).parent / "results" / "gpu_step.json"
 def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, steps: int, warmup: int) -> dict:
     import torch
 
+    import dataclasses
+
     from latentlm_mcore.config import ParallelConfig, RunConfig, get_preset
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-    from latentlm_mcore.training.flops import head_forward_flops, training_flops
+    from latentlm_mcore.training.flops import training_flops
     from latentlm_mcore.training.metrics import device_peak_tflops
-    from latentlm_mcore.training.step import build_optimizer, train_step, wrap_with_ddp
-    from latentlm_mcore.training.synthetic import random_packed_batch
-    from latentlm_mcore.training.trainer import build_model_chunks
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
+    from latentlm_mcore.training.trainer import Trainer
 
     cfg = get_preset(preset)
-    m, parallel = cfg.model, ParallelConfig()
+    cfg.parallel = ParallelConfig()
+    cfg.train = dataclasses.replace(cfg.train, micro_batch_size=micro_batch_size,
+                                    global_batch_size=micro_batch_size * microbatches)
+    m = cfg.model
     run = RunConfig(precision="bf16" if mode != "fp32" else "fp32", fp8="hybrid" if mode == "fp8" else None)
-    init_distributed(parallel, seed=0)
-    _, chunks, dtype = build_model_chunks(cfg, run)
-    chunks = wrap_with_ddp(chunks, parallel)
-    optimizer = build_optimizer(chunks, cfg.train, parallel, params_dtype=dtype)
+    init_distributed(cfg.parallel, seed=0)
+    trainer = Trainer(cfg, run)
     latents_per_image = min(256, m.seq_length // 4)
     images = max(1, m.seq_length // (4 * (latents_per_image + 2)))  # ~25% of positions are latents
     # host batches, as the loader yields them: the step copies them (its HOST_FIELDS stay on the host)
@@ -51,7 +53,7 @@ def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, st
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = train_step(chunks, optimizer, batches, microbatches, m.seq_length, micro_batch_size)
+        result = trainer.step(batches)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             mem = max(mem, torch.cuda.max_memory_allocated() / 2**30)
@@ -59,7 +61,8 @@ def measure(preset: str, mode: str, micro_batch_size: int, microbatches: int, st
             times.append(time.perf_counter() - t0)
     step = statistics.median(times)
     sequences = micro_batch_size * microbatches
-    flops = sequences * training_flops(m, m.seq_length) + 3 * head_forward_flops(m, sequences * images * latents_per_image)
+    flops = training_flops(m, m.seq_length, num_latent_targets=sequences * images * latents_per_image,
+                           num_sequences=sequences)
     peak, peak_description = device_peak_tflops(None, "fp8" if mode == "fp8" else "bf16")
     out = {"mode": mode, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
            "median_step_s": step, "tokens_per_s": sequences * m.seq_length / step,

@@ -23,7 +23,7 @@ from latentlm_mcore.model.loss import count_targets, diffusion_weight
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.flops import training_flops
 from latentlm_mcore.training.step import device_batch
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
 
 def latentlm_step(model, batch):
@@ -102,7 +102,7 @@ def main():
     flops_text, flops_heavy = training_flops(cfg, args.seq, 0), training_flops(cfg, args.seq, latents)
     result = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "config": vars(args) | {"diffusion_targets_per_sequence": latents},
+        "config": {k: v for k, v in vars(args).items() if k != "out"} | {"diffusion_targets_per_sequence": latents},  # no machine path
         "median_step_s": median,
         "latentlm_vs_gpt_text_time_ratio": median["latentlm_text"] / median["gpt_text"],
         "image_heavy_vs_text_time_ratio": median["latentlm_image_heavy"] / median["latentlm_text"],

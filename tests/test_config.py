@@ -75,7 +75,12 @@ def test_head_ffn_defaults_to_eight_thirds_of_its_width_and_is_configurable():
 def test_every_preset_builds_and_counts(name):
     cfg = get_preset(name)
     assert cfg.name == name
-    assert count_parameters(cfg.model)["total"] > 0
+    parts = count_parameters(cfg.model)
+    total = parts.pop("total")
+    assert total == sum(parts.values())  # the parts add up: none missing, none counted twice
+    assert (parts["output_layer"] == 0) == cfg.model.tie_embeddings
+    assert parts["embedding"] == cfg.model.vocab_size * cfg.model.hidden_size
+    assert parts["latent_projection"] == cfg.model.latent_dim * cfg.model.hidden_size
 
 
 def test_overrides_parse_types_and_reject_unknown_keys():

@@ -4,7 +4,7 @@
 
 The checkpoint is loaded at TP=1/PP=1 on the CPU in this process. The folder loads with
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; its backbone also loads as a
-plain `LlamaForCausalLM`. The tokenizer and σ-VAE come from the run config unless given here.
+plain `LlamaForCausalLM`. The tokenizer and σ-VAE come from the checkpoint's provenance (the σ-VAE found by its sha256) unless given here.
 An existing non-empty output is never replaced without --overwrite.
 """
 import argparse
@@ -25,8 +25,8 @@ def main(argv=None):
     p.add_argument("--iteration", type=int, help="convert this iteration instead of the latest")
     p.add_argument("--output", required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--tokenizer", help="tokenizer spec (default: the run config's extra['tokenizer'])")
-    p.add_argument("--sigma-vae", help="σ-VAE file (default: the run config's extra['sigma_vae'])")
+    p.add_argument("--tokenizer", help="tokenizer spec (default: the checkpoint's provenance)")
+    p.add_argument("--sigma-vae", help="σ-VAE file (default: the checkpoint's, found by its sha256)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The data formats of DESIGN §4, in one place.
+"""The data formats, in one place.
 
 Raw JSONL (what `data_prep/` writes, what preprocessing reads), one document per line:
     {"id": str, "source": "text" | "pair" | "interleaved", "segments": [{"text": str} | {"image": path}]}
@@ -20,7 +20,7 @@ Output folder of preprocessing:
                                          in sample order (the loader lays out sequences from them)
     <out>/parts/part-XXXXX-of-YYYYY.json  a finished task's manifest (its presence = the part is done)
     <out>/parts/part-XXXXX-of-YYYYY.rejects.jsonl  one line per skipped document: id, reason, detail
-    <out>/manifest.json                  merged manifest (see `merge_manifests`)
+    <out>/manifest.json                  merged manifest (see `prep.preprocess.merge_parts`)
 """
 
 from __future__ import annotations

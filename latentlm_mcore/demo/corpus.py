@@ -1,5 +1,5 @@
 """The bundled demo corpus: real data that ships inside installed packages, written as the raw JSONL of
-DESIGN §4. Nothing is downloaded; the same environment always gives the same bytes.
+`data/schema.py`. Nothing is downloaded; the same environment always gives the same bytes.
 
 - Images: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels; `sklearn.datasets.load_digits`),
   upscaled to `image_size` pixels, dark ink on white, saved as PNG. Every tenth digit is held out.

@@ -6,7 +6,7 @@ only sees a `denoise(x_t, t) -> model output` function (v or eps, per `predictio
 output to an x0 prediction itself, so the same code serves the Megatron model, the Hugging Face
 export and a closed-form denoiser in the tests.
 
-Self-contained on purpose (torch only): `tools/convert_ckpt_to_hf.py` copies this file into every
+Self-contained on purpose (torch only): `hf/convert.py` (the export) copies this file into every
 exported Hugging Face folder, where it runs without this package.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ A `LlamaConfig` (the backbone is exactly Llama's: pre-RMSNorm, SwiGLU, RoPE rota
 plus what the latent side needs: latent width, diffusion head shape and objective, the special token
 ids that switch between text and latents, and the latent count of one image.
 
-Self-contained on purpose: `tools/convert_ckpt_to_hf.py` copies this file into the exported folder.
+Self-contained on purpose: `hf/convert.py` (the export) copies this file into the exported folder.
 """
 from __future__ import annotations
 

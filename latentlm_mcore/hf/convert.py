@@ -214,8 +214,8 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
                        max_shard_size: str = "2GB") -> str:
     """Write the Hugging Face folder of a Megatron checkpoint; returns the checkpoint directory used.
 
-    `tokenizer` / `sigma_vae` default to the run config's `extra["tokenizer"]` / `extra["sigma_vae"]`;
-    without them the folder has no tokenizer / σ-VAE (said in the model card)."""
+    `tokenizer` / `sigma_vae` default to the checkpoint's Provenance (the σ-VAE found by its hash, see
+    training/provenance.py); without them the folder has no tokenizer / σ-VAE (said in the model card)."""
     from transformers import GenerationConfig
 
     from latentlm_mcore.hf.modeling_latentlm import LatentLMForCausalLM
@@ -225,9 +225,11 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
     output = os.path.abspath(output)
     if os.path.exists(output) and os.listdir(output) and not overwrite:
         raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    model, cfg, extra, directory = load_megatron_model(checkpoint, iteration)
-    tokenizer = tokenizer or extra.get("tokenizer")
-    sigma_vae = sigma_vae or extra.get("sigma_vae")
+    from latentlm_mcore.training.provenance import resolve_sigma_vae
+
+    model, cfg, provenance, directory = load_megatron_model(checkpoint, iteration)
+    tokenizer = tokenizer or provenance.tokenizer
+    sigma_vae = resolve_sigma_vae(provenance, directory, explicit=sigma_vae)  # by hash, wherever it moved
     tok = vae = None
     if tokenizer:
         from latentlm_mcore.data.tokenizer import load_tokenizer

@@ -7,9 +7,9 @@ their input embedding; `diffusion_head` generates the next latent from the last 
 `generate_mixed` runs the shared generation loop (`generation.py`) with a real KV cache
 (`transformers.DynamicCache`). `load_sigma_vae` reads the σ-VAE shipped in the folder.
 
-This file and the files it imports are copied into every exported folder by
-`tools/convert_ckpt_to_hf.py`, which rewrites the `latentlm_mcore...` imports below into relative
-ones: the folder runs with `trust_remote_code=True` and without this package.
+This file and the files it imports are copied into every exported folder by `hf/convert.py`
+(`write_remote_code`), which rewrites the `latentlm_mcore...` imports below into relative ones:
+the folder runs with `trust_remote_code=True` and without this package.
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ StaticInferenceContext) feed only the new position; `RecomputeDecoder` runs the 
 at every step (the reference, and the cache-less side of the benchmark). Prompts of different
 lengths are left-padded; the attention mask hides the padding.
 
-Self-contained on purpose (torch, tqdm and the sampler): `tools/convert_ckpt_to_hf.py` copies this
+Self-contained on purpose (torch, tqdm and the sampler): `hf/convert.py` (the export) copies this
 file into every exported Hugging Face folder.
 """
 from __future__ import annotations

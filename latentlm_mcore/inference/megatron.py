@@ -30,7 +30,7 @@ def init_single_process() -> None:
 
 
 def load_megatron_model(checkpoint: str, iteration: int | None = None):
-    """(LatentLMModel at TP=1/PP=1 in eval mode, LatentLMConfig, run_config extra, checkpoint directory).
+    """(LatentLMModel at TP=1/PP=1 in eval mode, LatentLMConfig, its Provenance, checkpoint directory).
 
     `checkpoint` is a save directory (its `latest` is used unless `iteration` is given) or one
     `iter_*` directory. Raises FileNotFoundError / RuntimeError naming what is missing."""
@@ -43,7 +43,7 @@ def load_megatron_model(checkpoint: str, iteration: int | None = None):
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: no such checkpoint directory")
     directory = resolve_checkpoint(checkpoint, iteration)
-    cfg, extra = load_run_config(directory)
+    cfg, provenance = load_run_config(directory)
     missing = missing_shard_files(directory)
     if missing:
         raise FileNotFoundError(f"{directory}: incomplete checkpoint, shard files missing or truncated: {missing}")
@@ -63,7 +63,7 @@ def load_megatron_model(checkpoint: str, iteration: int | None = None):
     # is one, and the generation loop reads the device off the diffusion head
     model.to(compute_device())
     model.eval()
-    return model, cfg, extra, directory
+    return model, cfg, provenance, directory
 
 
 def missing_shard_files(directory: str) -> list[str]:

@@ -42,7 +42,10 @@ class Generator:
 
     @classmethod
     def from_hf_folder(cls, folder: str, use_cache: bool = True) -> "Generator":
-        import latentlm_mcore.hf  # noqa: F401  (makes transformers importable beside a broken torchvision)
+        # transformers imports torchvision when installed: mend a broken one first (what importing
+        # latentlm_mcore.hf does; called directly so that inference never imports hf, which imports inference)
+        from latentlm_mcore.compat.torchvision_ops import make_torchvision_importable
+        make_torchvision_importable()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -62,8 +65,11 @@ class Generator:
         from latentlm_mcore.inference.megatron import load_megatron_model, megatron_decoder
         from latentlm_mcore.vae import load_sigma_vae
 
-        model, cfg, extra, directory = load_megatron_model(checkpoint, iteration)
-        tokenizer, sigma_vae = tokenizer or extra.get("tokenizer"), sigma_vae or extra.get("sigma_vae")
+        from latentlm_mcore.training.provenance import resolve_sigma_vae
+
+        model, cfg, provenance, directory = load_megatron_model(checkpoint, iteration)
+        tokenizer = tokenizer or provenance.tokenizer
+        sigma_vae = resolve_sigma_vae(provenance, directory, explicit=sigma_vae)  # by hash, wherever it moved
         if not tokenizer:
             raise ValueError(f"{directory}: run_config.json names no tokenizer; pass one")
         tok = load_tokenizer(tokenizer)
@@ -117,7 +123,7 @@ class Generator:
         missing = [p for p in parts if getattr(self, p) is None]
         if missing:
             raise ValueError(f"this task needs a {' and a '.join(missing)}, and none was found "
-                             f"(Megatron: run_config extra or --tokenizer/--sigma-vae; HF: files in the folder)")
+                             f"(Megatron: the checkpoint's provenance or --tokenizer/--sigma-vae; HF: files in the folder)")
 
 
 def _replace(sampling: SamplingConfig, **changes) -> SamplingConfig:

@@ -5,7 +5,8 @@ Layout of a save directory:
   <save>/iter_0000100/                   the dist checkpoint: "model" (sharded), "optimizer" (sharded,
                                          fully reshardable), "rng_state" (per rank), common state
                                          (iteration, consumed tokens, scheduler, data-loader states)
-  <save>/iter_0000100/run_config.json    the LatentLMConfig of the run (+ tokenizer / VAE info)
+  <save>/iter_0000100/run_config.json    the LatentLMConfig of the run and its data's Provenance
+  <save>/sigma_vae-<sha256[:16]>.pt      the run's σ-VAE, found by hash (training/provenance.py)
 
 Every tensor is stored by its global name and offsets, so a checkpoint loads at any TP/PP/DP.
 A checkpoint is written to `iter_N.tmp/` and published by renaming it and then replacing `latest`
@@ -30,6 +31,7 @@ from megatron.core.utils import unwrap_model
 
 from latentlm_mcore.compat import materialize_optimizer_state
 from latentlm_mcore.runtime.files import write_json_atomic, write_text_atomic
+from latentlm_mcore.training.provenance import Provenance, keep_sigma_vae_beside
 
 RUN_CONFIG = "run_config.json"
 LATEST = "latest"
@@ -157,7 +159,7 @@ def _restore_rng(state: dict) -> None:
 
 # ---------------------------------------------------------------- full training state
 def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler, common: dict, cfg,
-                    run_extra: dict | None = None, keep_last: int | None = None, may_publish=None) -> str:
+                    provenance=None, keep_last: int | None = None, may_publish=None) -> str:
     """Save model, optimizer, scheduler, RNG and `common` (iteration, consumed tokens, data-loader
     states: must be identical on every rank) as checkpoint `iteration`; publish it atomically.
     `may_publish()`, when given, raises to refuse publishing (the checkpoint stays `iter_N.tmp`)."""
@@ -178,7 +180,9 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler,
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
     if rank0:
-        save_run_config(tmp, cfg, run_extra)
+        save_run_config(tmp, cfg, provenance)
+        if provenance is not None:
+            keep_sigma_vae_beside(save_dir, provenance)
         check()
         if os.path.exists(final):  # the same iteration saved again (e.g. after a resume)
             shutil.rmtree(final)
@@ -229,14 +233,15 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
 
 
 # ---------------------------------------------------------------- run config and discovery
-def save_run_config(directory: str, cfg, extra: dict | None = None) -> None:
-    """Write the run's LatentLMConfig (and `extra`, e.g. tokenizer / sigma-VAE info) as JSON."""
-    write_json_atomic(os.path.join(directory, RUN_CONFIG), {"config": dataclasses.asdict(cfg), "extra": extra or {}},
-                      indent=2)
+def save_run_config(directory: str, cfg, provenance: Provenance | None = None) -> None:
+    """Write the run's LatentLMConfig and its data's Provenance (None: random data) as JSON."""
+    payload = {"config": dataclasses.asdict(cfg), "provenance": provenance.to_dict() if provenance else None}
+    write_json_atomic(os.path.join(directory, RUN_CONFIG), payload, indent=2)
 
 
 def load_run_config(directory: str):
-    """(LatentLMConfig, extra dict) from a checkpoint directory's run_config.json."""
+    """(LatentLMConfig, Provenance) from a checkpoint directory's run_config.json. A checkpoint from before
+    the Provenance record (an untyped `extra` dict) loads too: Provenance(legacy=True), without a hash."""
     from latentlm_mcore.config import LatentLMConfig, ModelConfig, ParallelConfig, TrainConfig
 
     path = os.path.join(directory, RUN_CONFIG)
@@ -247,7 +252,9 @@ def load_run_config(directory: str):
     c = payload["config"]
     cfg = LatentLMConfig(name=c["name"], model=ModelConfig(**c["model"]), train=TrainConfig(**c["train"]),
                          parallel=ParallelConfig(**c["parallel"]), cfg_scale=c.get("cfg_scale"))
-    return cfg, payload.get("extra", {})
+    if "provenance" in payload:
+        return cfg, Provenance.from_dict(payload["provenance"]) if payload["provenance"] else Provenance()
+    return cfg, Provenance.from_legacy_extra(payload.get("extra") or {})
 
 
 def resolve_checkpoint(save_dir: str, iteration: int | None = None) -> str:

@@ -25,6 +25,7 @@ def head_forward_flops(cfg: ModelConfig, num_latent_targets: int) -> float:
     return 2.0 * per_latent * num_latent_targets
 
 
-def training_flops(cfg: ModelConfig, seq_length: int, num_latent_targets: int = 0) -> float:
-    """FLOPs of forward + backward for one sequence with `num_latent_targets` diffusion targets."""
-    return 3.0 * (backbone_forward_flops(cfg, seq_length) + head_forward_flops(cfg, num_latent_targets))
+def training_flops(cfg: ModelConfig, seq_length: int, num_latent_targets: float = 0, num_sequences: float = 1) -> float:
+    """FLOPs of forward + backward for `num_sequences` sequences of `seq_length` holding `num_latent_targets`
+    diffusion targets between them: the one formula of throughput, MFU and run plans."""
+    return 3.0 * (num_sequences * backbone_forward_flops(cfg, seq_length) + head_forward_flops(cfg, num_latent_targets))

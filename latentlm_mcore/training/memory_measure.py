@@ -23,7 +23,7 @@ def measure_activations(model_cfg: ModelConfig, micro_batch_size: int, recompute
     from latentlm_mcore.model import build_model, latentlm_loss, local_block_spec, transformer_config
     from latentlm_mcore.model.loss import count_targets, diffusion_weight
     from latentlm_mcore.training.step import device_batch
-    from latentlm_mcore.training.synthetic import random_packed_batch
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
     from latentlm_mcore.training.trainer import numerics_overrides
     from latentlm_mcore.config import RunConfig
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from latentlm_mcore.config import LatentLMConfig
-from latentlm_mcore.training.flops import head_forward_flops, training_flops
+from latentlm_mcore.training.flops import training_flops
 
 
 @dataclass
@@ -45,7 +45,7 @@ def plan_run(cfg: LatentLMConfig, tokens: float, nodes: int, gpus_per_node: int,
     m, seq = cfg.model, cfg.model.seq_length
     tokens_per_step = cfg.train.global_batch_size * seq
     steps = int(round(tokens / tokens_per_step))
-    per_sequence = training_flops(m, seq) + 3 * head_forward_flops(m, latent_fraction * seq)
+    per_sequence = training_flops(m, seq, num_latent_targets=latent_fraction * seq)
     flops_per_token = per_sequence / seq
     total = flops_per_token * steps * tokens_per_step
     gpus = nodes * gpus_per_node

@@ -1,4 +1,5 @@
-"""The pretraining loop on Megatron-Core.
+"""The pretraining loop on Megatron-Core: the `Trainer` (model chunks -> DDP -> optimizer -> scheduler, one
+step, evaluation, checkpoints, the loop) that pretraining, the benches and the parity tests share.
 
 `pretrain(cfg, run)`: process groups -> model chunks (pipeline stages, virtual stages) -> optional
 Float16Module (BF16) -> megatron DDP -> distributed optimizer -> warmup + cosine scheduler -> data
@@ -13,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import os
 import time
 
 import torch
@@ -22,19 +22,20 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
+from latentlm_mcore.data.loader.stream import CountingIterator, DataStream
 from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
 from latentlm_mcore.runtime.lease import LeaseHeld, check_may_publish, lease_on_rank0
 from latentlm_mcore.runtime.metrics import MetricsLogger
 from latentlm_mcore.runtime.preemption import PreemptionFlag
+from latentlm_mcore.runtime.ranks import rank_and_world_from_env
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
                                                 shield_checkpoint_writer_from_signals)
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from latentlm_mcore.training.flops import head_forward_flops, training_flops
+from latentlm_mcore.training.flops import training_flops
 from latentlm_mcore.training.metrics import device_peak_tflops
 from latentlm_mcore.training.preflight import check_pretrain, describe_pretrain, probe_machine
-from latentlm_mcore.runtime.ranks import rank_and_world_from_env
+from latentlm_mcore.training.provenance import Provenance
 from latentlm_mcore.training.step import build_optimizer, evaluate, params_synced, train_step, wrap_with_ddp
-from latentlm_mcore.training.synthetic import random_packed_batch
 
 
 def console_summary(split: str, m: dict) -> str:
@@ -95,75 +96,6 @@ def build_scheduler(optimizer, cfg: LatentLMConfig) -> OptimizerParamScheduler:
         wd_incr_steps=t.train_steps, wd_incr_style="constant")
 
 
-class DataStream:
-    """Micro-batches for this rank: the packed loader of its DP rank, or seeded random batches."""
-
-    def __init__(self, cfg: LatentLMConfig, run: RunConfig, root: str | None, micro_batch_size: int, seed: int):
-        self.cfg = cfg
-        dp_rank, dp_size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        self.dp_rank, self.dp_size, self.mbs, self.seed = dp_rank, dp_size, micro_batch_size, seed
-        self.loader = None
-        self.random_batches_served = 0
-        if root is not None:
-            from latentlm_mcore.data.loader.packed import LoaderConfig, PackedLoader
-            from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture, parse_proportions
-
-            cache = run.data_cache and os.path.join(run.data_cache, f"{os.path.basename(os.path.normpath(root))}-{seed}")
-            mixture = StreamMixture(MixtureConfig(dataset_root=root, cache_dir=cache, unit=run.mixture_unit,
-                                                  proportions=parse_proportions(run.proportions), seed=seed))
-            if mixture.latent_dim != cfg.model.latent_dim:
-                raise ValueError(f"{root}: latents have dim {mixture.latent_dim}, the model expects "
-                                 f"{cfg.model.latent_dim} (model.latent_dim)")
-            tokenizer = mixture.manifest["tokenizer"]
-            if tokenizer["vocab_size"] > cfg.model.vocab_size:
-                raise ValueError(f"{root}: tokenizer {tokenizer['spec']} needs a vocabulary of {tokenizer['vocab_size']}, "
-                                 f"the model has {cfg.model.vocab_size} (model.vocab_size)")
-            self.loader = PackedLoader(mixture, LoaderConfig(
-                seq_length=cfg.model.seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
-                dp_world_size=dp_size, condition_dropout=run.condition_dropout, num_workers=run.num_workers,
-                image_first_share=run.image_first_share, sample_latents=run.sample_latents))
-
-    def __iter__(self):
-        if self.loader is not None:
-            yield from self.loader
-            return
-        m = self.cfg.model
-        while True:  # random batches, distinct per DP rank and step: throughput measurements only
-            index = self.random_batches_served * self.dp_size + self.dp_rank
-            self.random_batches_served += 1
-            yield random_packed_batch(self.mbs, m.seq_length, m.vocab_size, m.latent_dim,
-                                      num_latents=min(256, m.seq_length // 4), images_per_sequence=1,
-                                      seed=self.seed * 1_000_003 + index)
-
-    def state_dicts(self) -> list:
-        """This position for every DP rank (same list on all ranks), for the checkpoint."""
-        mine = self.loader.state_dict() if self.loader is not None else {"random_batches_served": self.random_batches_served}
-        states = [None] * self.dp_size
-        torch.distributed.all_gather_object(states, mine, group=parallel_state.get_data_parallel_group())
-        return states
-
-    def load_state_dicts(self, states: list) -> None:
-        if self.loader is not None:
-            self.loader.load_state_dict(states)
-        else:
-            self.random_batches_served = states[0]["random_batches_served"] * len(states) // self.dp_size
-
-
-class CountingIterator:
-    """Passes micro-batches through and counts their diffusion targets (for model FLOPs)."""
-
-    def __init__(self, it):
-        self.it, self.latent_targets = it, 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.it)
-        self.latent_targets += int(batch["diffusion_mask"].sum())
-        return batch
-
-
 def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
     """Train until cfg.train.train_steps (or run.exit_after steps, or a preemption signal). Returns a
     summary: final iteration, why it stopped, the last logged metrics."""
@@ -189,117 +121,206 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
         check_may_publish(lease)
 
     try:
-        return _train(cfg, run, may_publish, peak)
+        trainer = Trainer(cfg, run)
+        summary = trainer.fit(trainer.data_stream(run.data, cfg.train.seed),
+                              may_publish, peak)
+        shutdown_distributed()
+        return summary
     finally:
         if lease is not None:
             lease.release()
 
 
-def _train(cfg: LatentLMConfig, run: RunConfig, may_publish, peak) -> dict:
-    t, p = cfg.train, cfg.parallel
-    shield_checkpoint_writer_from_signals()  # before the handlers: the writer's processes must not inherit them
-    preempt = PreemptionFlag()
-    rank0 = torch.distributed.get_rank() == 0
-    dp = parallel_state.get_data_parallel_world_size()
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+class TrainerCallback:
+    """An extension of the loop (an EMA of the weights, a periodic sample or FID evaluation, ...): override
+    what you need. `state_dict` goes into every checkpoint's common state under `callbacks.<name>` (it must
+    be the same on every rank and picklable) and comes back through `load_state_dict` on resume."""
 
-    config, chunks, dtype = build_model_chunks(cfg, run)
-    chunks = wrap_with_ddp(chunks, p)
-    for chunk in chunks:
-        chunk.broadcast_params()  # identical replicas across DP from the start
-    optimizer = build_optimizer(chunks, t, p, params_dtype=dtype)
-    scheduler = build_scheduler(optimizer, cfg)
-    data = DataStream(cfg, run, run.data, t.micro_batch_size, t.seed)
+    name = "callback"
 
-    # this run's own latest checkpoint wins (a restarted job resumes itself); else --load starts it
-    iteration, consumed_tokens = 0, 0
-    resume_from = latest_checkpoint(run.save) or (resolve_checkpoint(run.load) if run.load else None)
-    if resume_from is not None:
-        common = load_checkpoint(resume_from, chunks, optimizer, scheduler)
-        iteration, consumed_tokens = common["iteration"], common["consumed_tokens"]
-        data.load_state_dicts(common["data"])
-        if rank0:
-            print(f"resumed from {resume_from} at iteration {iteration} ({consumed_tokens:,} tokens)", flush=True)
+    def on_step_end(self, trainer: "Trainer", result: dict) -> None:
+        """After every optimizer step (trainer.iteration already counts it); `result` as `train_step` returns."""
 
-    # every model chunk (virtual pipeline stage) reads the whole micro-batch stream
-    stream = CountingIterator(iter(data))
-    per_chunk = list(itertools.tee(stream, len(chunks))) if len(chunks) > 1 else [stream]
-    logger = MetricsLogger(run.save, total_iterations=t.train_steps, start_iteration=iteration,
-                           tensorboard=run.tensorboard, wandb_project=run.wandb_project, run_name=cfg.name,
-                           config=dataclasses.asdict(cfg), summary=console_summary) if rank0 else None
-    world = torch.distributed.get_world_size()
-    tokens_per_step = t.global_batch_size * cfg.model.seq_length
-    run_extra = {"data": run.data}
-    if data.loader is not None:  # what generation and export need to read and write this model's data
-        manifest = data.loader.mixture.manifest
-        run_extra.update(tokenizer=manifest["tokenizer"]["spec"], sigma_vae=(manifest.get("vae") or {}).get("path"))
+    def on_evaluate(self, trainer: "Trainer") -> dict:
+        """At every evaluation (eval_interval): metrics to log under `eval`."""
+        return {}
 
-    def checkpoint():
-        common = {"consumed_tokens": consumed_tokens, "data": data.state_dicts()}
-        with params_synced(chunks):
-            save_checkpoint(run.save, iteration, chunks, optimizer, scheduler, common, cfg, run_extra, run.keep_last,
-                            may_publish)
-        if logger is not None:
-            logger.plot(("lm_loss", "diffusion_loss"))
+    def state_dict(self) -> dict:
+        return {}
 
-    stop_reason, last = "finished", {}
-    start_iteration = iteration
-    window_t, window_steps, window_latents = time.time(), 0, 0
-    while iteration < t.train_steps:
-        before = stream.latent_targets
-        result = train_step(chunks, optimizer, per_chunk if len(per_chunk) > 1 else per_chunk[0],
-                            num_microbatches, cfg.model.seq_length, t.micro_batch_size)
-        scheduler.step(increment=1)
-        iteration += 1
-        consumed_tokens += tokens_per_step
-        window_steps += 1
-        window_latents += stream.latent_targets - before
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
-        if iteration % run.log_interval == 0 or iteration == t.train_steps:
-            latents = torch.tensor([float(window_latents)], device="cuda" if torch.cuda.is_available() else "cpu")
-            torch.distributed.all_reduce(latents, group=parallel_state.get_data_parallel_group())  # over DP
-            elapsed = time.time() - window_t
-            flops = (training_flops(cfg.model, cfg.model.seq_length) * t.global_batch_size * window_steps
-                     + 3 * head_forward_flops(cfg.model, latents.item()))
-            tflops_per_device = flops / elapsed / world / 1e12
-            last = {"loss": result["loss"], "lm_loss": result["lm loss"], "diffusion_loss": result["diffusion loss"],
-                    "grad_norm": result["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": tokens_per_step * window_steps / elapsed, "tflops_per_device": tflops_per_device,
-                    "mfu": tflops_per_device / peak if peak else None, "consumed_tokens": consumed_tokens}
-            if data.loader is not None:  # the global stream's, so the same on every rank
-                last.update({f"token_share_{s}": v for s, v in data.loader.token_share().items()})
+
+class Trainer:
+    """LatentLM on Megatron-Core: model chunks (built from `cfg` / `run`, or given, e.g. with the local layer
+    spec), megatron DDP around them, the (distributed) optimizer and the warmup + cosine schedule.
+    Process groups must exist (`init_distributed`).
+
+    `step(batches)` is one optimizer step, `evaluate(batches, n)` a forward-only pass, `save_checkpoint` /
+    `resume` the full training state, `fit(data)` the pretraining loop (logging, evaluation, checkpoints,
+    preemption). `callbacks` (`TrainerCallback`) extend the loop without copying it."""
+
+    def __init__(self, cfg: LatentLMConfig, run: RunConfig | None = None, chunks=None,
+                 params_dtype: torch.dtype = torch.float32, overlap: bool | None = None, callbacks=()):
+        self.cfg, self.run = cfg, run or RunConfig()
+        if chunks is None:
+            _, chunks, params_dtype = build_model_chunks(cfg, self.run)
+        self.params_dtype = params_dtype
+        self.chunks = wrap_with_ddp(chunks, cfg.parallel, overlap=overlap)
+        for chunk in self.chunks:
+            chunk.broadcast_params()  # identical replicas across DP from the start
+        self.optimizer = build_optimizer(self.chunks, cfg.train, cfg.parallel, params_dtype=params_dtype)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.callbacks = list(callbacks)
+        self.iteration, self.consumed_tokens = 0, 0
+        self.data: DataStream | None = None  # the training stream `fit` reads (its position is checkpointed)
+
+    def data_stream(self, root: str | None, seed: int) -> DataStream:
+        """This rank's micro-batches of the dataset at `root` (None: random batches)."""
+        return DataStream(self.cfg, self.run, root, self.cfg.train.micro_batch_size, seed,
+                          parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+
+    def data_positions(self) -> list:
+        """The training stream's position on every DP rank (the same list on all ranks), for the checkpoint."""
+        states = [None] * parallel_state.get_data_parallel_world_size()
+        torch.distributed.all_gather_object(states, self.data.state_dict(), group=parallel_state.get_data_parallel_group())
+        return states
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * parallel_state.get_data_parallel_world_size())
+
+    def per_chunk(self, batches):
+        """Every model chunk (virtual pipeline stage) reads the whole micro-batch stream."""
+        return list(itertools.tee(batches, len(self.chunks))) if len(self.chunks) > 1 else batches
+
+    def step(self, batches) -> dict:
+        """One optimizer step on the next global batch of `batches` (this rank's micro-batches; one iterator,
+        or one per model chunk), then the schedule. Returns `train_step`'s losses and grad norm."""
+        t, seq = self.cfg.train, self.cfg.model.seq_length
+        result = train_step(self.chunks, self.optimizer, batches, self.num_microbatches, seq, t.micro_batch_size)
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_tokens += t.global_batch_size * seq
+        for callback in self.callbacks:
+            callback.on_step_end(self, result)
+        return result
+
+    def evaluate(self, batches, num_microbatches: int) -> dict:
+        """Forward-only losses over `num_microbatches` of `batches` on every DP rank together."""
+        return evaluate(self.chunks, batches, num_microbatches, self.cfg.model.seq_length,
+                        self.cfg.train.micro_batch_size)
+
+    def evaluate_held_out(self) -> dict:
+        """LM loss / perplexity and diffusion loss on the first `eval_iters` micro-batches of the held-out
+        data (the same batches every time, so evaluations are comparable), plus the callbacks' metrics."""
+        cfg, run = self.cfg, self.run
+        result = {}
+        if run.eval_data:
+            data = self.data_stream(run.eval_data, seed=cfg.train.seed + 1)
+            result = self.evaluate(self.per_chunk(iter(data)), run.eval_iters)
+            result = {key.replace(" ", "_"): value for key, value in result.items()}  # metric keys are single words
+            result["lm_ppl"] = math.exp(min(result["lm_loss"], 50.0))
+        for callback in self.callbacks:
+            result.update(callback.on_evaluate(self))
+        return result
+
+    def save_checkpoint(self, provenance: Provenance | None = None, may_publish=None) -> str:
+        """The full training state as checkpoint `iteration` in `run.save`, published atomically."""
+        common = {"consumed_tokens": self.consumed_tokens,
+                  "data": self.data_positions() if self.data is not None else None,
+                  "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
+        with params_synced(self.chunks):
+            return save_checkpoint(self.run.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
+                                   common, self.cfg, provenance, self.run.keep_last, may_publish)
+
+    def resume(self, path: str) -> None:
+        """Model, optimizer, schedule, RNG, data position and callback states from checkpoint `path`."""
+        common = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        self.iteration, self.consumed_tokens = common["iteration"], common["consumed_tokens"]
+        if self.data is not None and common.get("data") is not None:
+            self.data.load_state_dicts(common["data"])
+        for callback in self.callbacks:
+            if callback.name in common.get("callbacks", {}):
+                callback.load_state_dict(common["callbacks"][callback.name])
+
+    def fit(self, data: DataStream, may_publish=None, peak: float | None = None) -> dict:
+        """Train on `data` until cfg.train.train_steps (or run.exit_after steps, or a preemption signal),
+        resuming this run's latest checkpoint (else --load). Returns the final iteration, why it stopped and
+        the last logged metrics."""
+        cfg, run, t = self.cfg, self.run, self.cfg.train
+        shield_checkpoint_writer_from_signals()  # before the handlers: the writer's processes must not inherit them
+        preempt = PreemptionFlag()
+        rank0 = torch.distributed.get_rank() == 0
+        self.data = data
+
+        # this run's own latest checkpoint wins (a restarted job resumes itself); else --load starts it
+        resume_from = latest_checkpoint(run.save) or (resolve_checkpoint(run.load) if run.load else None)
+        if resume_from is not None:
+            self.resume(resume_from)
+            if rank0:
+                print(f"resumed from {resume_from} at iteration {self.iteration} ({self.consumed_tokens:,} tokens)",
+                      flush=True)
+
+        stream = CountingIterator(iter(data))
+        batches = self.per_chunk(stream)
+        logger = MetricsLogger(run.save, total_iterations=t.train_steps, start_iteration=self.iteration,
+                               tensorboard=run.tensorboard, wandb_project=run.wandb_project, run_name=cfg.name,
+                               config=dataclasses.asdict(cfg), summary=console_summary) if rank0 else None
+        world = torch.distributed.get_world_size()
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        # what generation and export need to read and write this model's data (None: random batches)
+        provenance = Provenance.from_manifest(data.manifest, run.data) if data.manifest is not None else None
+
+        def checkpoint():
+            self.save_checkpoint(provenance, may_publish)
             if logger is not None:
-                logger.log(iteration, last)
-            window_t, window_steps, window_latents = time.time(), 0, 0
+                logger.plot(("lm_loss", "diffusion_loss"))
 
-        if run.eval_data and run.eval_interval and iteration % run.eval_interval == 0:
-            evaluate_held_out(cfg, run, chunks, iteration, logger)
-        preempted = preempt.any_rank()
-        done_here = run.exit_after is not None and iteration - start_iteration >= run.exit_after
-        if preempted or done_here or iteration % run.save_interval == 0 or iteration == t.train_steps:
-            checkpoint()
-        if preempted:
-            stop_reason = f"signal {preempt.received or 'on another rank'}"
-            break
-        if done_here:
-            stop_reason = "exit_after"
-            break
-    if logger is not None:
-        print(f"stopped at iteration {iteration}: {stop_reason}", flush=True)
-        logger.close()
-    shutdown_distributed()
-    return {"iteration": iteration, "stop_reason": stop_reason, "last": last}
+        stop_reason, last = "finished", {}
+        start_iteration = self.iteration
+        window_t, window_steps, window_latents = time.time(), 0, 0
+        while self.iteration < t.train_steps:
+            before = stream.latent_targets
+            result = self.step(batches)
+            iteration = self.iteration
+            window_steps += 1
+            window_latents += stream.latent_targets - before
 
+            if iteration % run.log_interval == 0 or iteration == t.train_steps:
+                latents = torch.tensor([float(window_latents)], device="cuda" if torch.cuda.is_available() else "cpu")
+                torch.distributed.all_reduce(latents, group=parallel_state.get_data_parallel_group())  # over DP
+                elapsed = time.time() - window_t
+                flops = training_flops(cfg.model, cfg.model.seq_length, num_latent_targets=latents.item(),
+                                       num_sequences=t.global_batch_size * window_steps)
+                tflops_per_device = flops / elapsed / world / 1e12
+                last = {"loss": result["loss"], "lm_loss": result["lm loss"], "diffusion_loss": result["diffusion loss"],
+                        "grad_norm": result["grad_norm"], "lr": self.optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": tokens_per_step * window_steps / elapsed, "tflops_per_device": tflops_per_device,
+                        "mfu": tflops_per_device / peak if peak else None, "consumed_tokens": self.consumed_tokens}
+                if data.loader is not None:  # the global stream's, so the same on every rank
+                    last.update({f"token_share_{s}": v for s, v in data.loader.token_share().items()})
+                if logger is not None:
+                    logger.log(iteration, last)
+                window_t, window_steps, window_latents = time.time(), 0, 0
 
-def evaluate_held_out(cfg: LatentLMConfig, run: RunConfig, chunks, iteration: int, logger) -> dict:
-    """LM loss / perplexity and diffusion loss on the first `eval_iters` micro-batches of the held-out
-    data (the same batches every time, so evaluations are comparable)."""
-    data = DataStream(cfg, run, run.eval_data, cfg.train.micro_batch_size, seed=cfg.train.seed + 1)
-    it = iter(data)
-    result = evaluate(chunks, it if len(chunks) == 1 else list(itertools.tee(it, len(chunks))),
-                      run.eval_iters, cfg.model.seq_length, cfg.train.micro_batch_size)
-    result = {key.replace(" ", "_"): value for key, value in result.items()}  # metric keys are single words
-    result["lm_ppl"] = math.exp(min(result["lm_loss"], 50.0))
-    if logger is not None:
-        logger.log(iteration, result, split="eval")
-    return result
+            if (run.eval_data or self.callbacks) and run.eval_interval and iteration % run.eval_interval == 0:
+                evaluation = self.evaluate_held_out()
+                if logger is not None and evaluation:
+                    logger.log(iteration, evaluation, split="eval")
+            preempted = preempt.any_rank()
+            done_here = run.exit_after is not None and iteration - start_iteration >= run.exit_after
+            if preempted or done_here or iteration % run.save_interval == 0 or iteration == t.train_steps:
+                checkpoint()
+            if preempted:
+                stop_reason = f"signal {preempt.received or 'on another rank'}"
+                break
+            if done_here:
+                stop_reason = "exit_after"
+                break
+        if logger is not None:
+            print(f"stopped at iteration {self.iteration}: {stop_reason}", flush=True)
+            logger.close()
+        return {"iteration": self.iteration, "stop_reason": stop_reason, "last": last}

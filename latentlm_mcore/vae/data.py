@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from latentlm_mcore.data.images import center_crop
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -73,14 +75,6 @@ def random_resized_crop(img: Image.Image, size: int, min_scale: float, generator
             left, top = int(u[2] * (w - cw + 1)), int(u[3] * (h - ch + 1))
             return img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
     return center_crop(img, size)
-
-
-def center_crop(img: Image.Image, size: int) -> Image.Image:
-    """The largest centred square, resized to size x size (what eval and offline encoding use)."""
-    w, h = img.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + s, top + s))
 
 
 class ImageDataset(Dataset):

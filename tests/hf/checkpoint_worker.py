@@ -2,7 +2,8 @@
 
   --phase save     (2 processes) builds the model at TP=2 (GQA, a diffusion head with non-zero AdaLN
                    so its output is not trivially zero), saves `ckpt_tp2` (iter_0000001 + latest +
-                   run_config.json naming the tokenizer and σ-VAE), and records the Megatron outputs
+                   run_config.json with the Provenance naming the tokenizer and the σ-VAE by hash, a copy of
+                   the σ-VAE beside it), and records the Megatron outputs
                    (logits gathered over TP, hidden states, head outputs) on a fixed mixed batch.
   --phase reshard  (1 process) loads `ckpt_tp2` at TP=1 through the inference loader, saves it as
                    `ckpt_tp1`, converts that to Hugging Face in-process (`hf_tp1`, and `hf_bf16` in
@@ -19,10 +20,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from latentlm_mcore.config import LatentLMConfig, ModelConfig, ParallelConfig
-from latentlm_mcore.data.tokenizer import TiktokenTokenizer
+from latentlm_mcore.data.tokenizer import TiktokenTokenizer, sha256_file
 from latentlm_mcore.model import build_model, local_block_spec, transformer_config
 from latentlm_mcore.training.checkpoint import LATEST, iteration_dirname, save_model, save_run_config
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
+from latentlm_mcore.training.provenance import Provenance, keep_sigma_vae_beside
 
 LATENT_DIM = 16  # the tiny σ-VAE's
 
@@ -45,11 +47,12 @@ def fixed_inputs(vocab_size: int):
     return ids, latents, latent_mask, x_t, t
 
 
-def save_checkpoint(model, cfg, directory, extra):
+def save_checkpoint(model, cfg, directory, provenance):
     path = os.path.join(directory, iteration_dirname(1))
     save_model([model], path)
     if dist.get_rank() == 0:
-        save_run_config(path, cfg, extra)
+        save_run_config(path, cfg, provenance)
+        keep_sigma_vae_beside(directory, provenance)
         with open(os.path.join(directory, LATEST), "w") as f:
             f.write(iteration_dirname(1))
     dist.barrier()
@@ -66,7 +69,8 @@ def phase_save(args, tok):
         for p in model.diffusion_head.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     save_checkpoint(model, cfg, os.path.join(args.out, "ckpt_tp2"),
-                    {"tokenizer": args.tokenizer, "sigma_vae": args.sigma_vae})
+                    Provenance(tokenizer=args.tokenizer, sigma_vae_sha256=sha256_file(args.sigma_vae),
+                               sigma_vae_path=args.sigma_vae))
 
     model.eval()
     ids, latents, latent_mask, x_t, t = fixed_inputs(tok.vocab_size)
@@ -86,9 +90,9 @@ def phase_reshard(args, tok):
     from latentlm_mcore.hf.convert import convert_checkpoint
     from latentlm_mcore.inference.megatron import load_megatron_model
 
-    model, cfg, extra, _ = load_megatron_model(os.path.join(args.out, "ckpt_tp2"))
+    model, cfg, provenance, _ = load_megatron_model(os.path.join(args.out, "ckpt_tp2"))
     cfg.parallel = ParallelConfig()
-    save_checkpoint(model, cfg, os.path.join(args.out, "ckpt_tp1"), extra)
+    save_checkpoint(model, cfg, os.path.join(args.out, "ckpt_tp1"), provenance)
     convert_checkpoint(os.path.join(args.out, "ckpt_tp1"), os.path.join(args.out, "hf_tp1"))
     convert_checkpoint(os.path.join(args.out, "ckpt_tp1"), os.path.join(args.out, "hf_bf16"), dtype="bf16")
 

@@ -7,6 +7,7 @@ KV cache vs recompute, and a `tools/generate.py` text -> image run on the Megatr
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -272,3 +273,27 @@ def test_export_runs_on_transformers_4_and_5(out, tmp_path):
     # and 4.x equals the in-process reference path (Generator over the same folder)
     expected = Generator.from_hf_folder(str(out / "hf_tp2")).text_to_image(CAPTIONS[:1], SamplingConfig(**T2I))[0]
     assert (v4["image"].clamp(-1, 1) - expected.images[0]).abs().max() < 1e-5
+
+
+def test_export_and_generation_survive_moved_dataset_and_sigma_vae_folders(out, tmp_path):
+    """The checkpoint's σ-VAE is found by its sha256 (its copy beside the checkpoint) once the recorded
+    folders are gone; with no copy left, the error says what to pass."""
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(out / "ckpt_tp2", moved)
+    assert len(list(moved.glob("sigma_vae-*.pt"))) == 1
+    run_config = moved / "iter_0000001" / "run_config.json"
+    payload = json.loads(run_config.read_text())
+    payload["provenance"].update(sigma_vae_path=str(tmp_path / "gone" / "vae.pt"), dataset=str(tmp_path / "gone"))
+    run_config.write_text(json.dumps(payload))
+    run_tool("convert_ckpt_to_hf.py", ["--checkpoint", str(moved), "--output", str(tmp_path / "hf")], out / "tmp")
+    exported = load_hf(tmp_path / "hf").load_sigma_vae()
+    original = load_sigma_vae(out / "vae.pt")
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(exported.state_dict()[name], tensor), name
+    run_tool("generate.py", ["--checkpoint", str(moved), "--task", "text-to-image", "--prompt", CAPTIONS[0],
+                             "--output", str(tmp_path / "gen"), "--diffusion-steps", "2"], out / "tmp")
+    assert (tmp_path / "gen" / "images" / "000.png").is_file()
+    for copy in moved.glob("sigma_vae-*.pt"):  # nothing left with that hash: the error says what to pass
+        copy.unlink()
+    with pytest.raises(AssertionError, match="no σ-VAE with sha256.*pass --sigma-vae"):
+        run_tool("convert_ckpt_to_hf.py", ["--checkpoint", str(moved), "--output", str(tmp_path / "hf2")], out / "tmp")

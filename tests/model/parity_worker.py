@@ -15,19 +15,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from latentlm_mcore.config import ModelConfig, ParallelConfig, TrainConfig
+from latentlm_mcore.config import LatentLMConfig, ModelConfig, ParallelConfig, TrainConfig
 from latentlm_mcore.model import build_model, local_block_spec, transformer_config
 from latentlm_mcore.training.checkpoint import load_model, save_model
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from latentlm_mcore.training.step import build_optimizer, evaluate, forward_backward, params_synced, wrap_with_ddp
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.training.step import evaluate, forward_backward, params_synced
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
+from latentlm_mcore.training.trainer import Trainer
 
 MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=256,
                     seq_length=32, latent_dim=8, head_layers=2, batch_mul=4)
 # adam_eps: Adam maps a gradient g with |g| << eps to an update of ~lr*g/eps. With eps=1e-8 the fp32
 # summation-order noise (~1e-10 absolute) of near-zero gradients becomes 1e-5 parameter differences
 # between layouts after one step; 1e-4 keeps the comparison about parallelism, not Adam's conditioning.
-TRAIN = TrainConfig(lr=2e-3, min_lr=2e-3, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4)
+# warmup_steps=0 and min_lr = lr: the Trainer's schedule holds the learning rate at lr from the first step.
+TRAIN = TrainConfig(lr=2e-3, min_lr=2e-3, weight_decay=0.01, clip_grad=1.0, adam_eps=1e-4, warmup_steps=0)
 MBS, NUM_MICROBATCHES, STEPS = 2, 4, 3
 IMAGES_PER_MICROBATCH = (1, 2, 0, 1)  # micro-batch 2 has no latent: the head is touched zero-weighted
 
@@ -112,8 +114,9 @@ def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict,
         load_model([model], init_ckpt)
     else:
         save_model([model], init_ckpt)
-    chunks = wrap_with_ddp([model], parallel, overlap=overlap)
-    optimizer = build_optimizer(chunks, TRAIN, parallel)
+    # the Trainer's DDP, optimizer and schedule; the steps are spelled out to read the gradients between
+    trainer = Trainer(LatentLMConfig("parity", MODEL, TRAIN, parallel), chunks=[model], overlap=overlap)
+    chunks, optimizer = trainer.chunks, trainer.optimizer
     record = {"steps": []}
     for step in range(STEPS):
         data = my_micro_batches(global_micro_batches(step))

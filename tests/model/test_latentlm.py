@@ -6,7 +6,7 @@ from latentlm_mcore.config import ParallelConfig, count_parameters, get_preset
 from latentlm_mcore.model import build_model, latentlm_loss, transformer_config
 from latentlm_mcore.model.loss import count_targets
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
 
 @pytest.fixture(scope="module")

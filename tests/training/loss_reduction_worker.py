@@ -19,7 +19,7 @@ from latentlm_mcore.config import ModelConfig, ParallelConfig
 from latentlm_mcore.model import build_model, local_block_spec, transformer_config
 from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
 from latentlm_mcore.training.step import forward_backward, wrap_with_ddp
-from latentlm_mcore.training.synthetic import random_packed_batch
+from latentlm_mcore.data.loader.synthetic import random_packed_batch
 
 MODEL = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, vocab_size=256,
                     seq_length=32, latent_dim=8, head_layers=2, batch_mul=2, diffusion_loss_weight=2.5)

@@ -38,19 +38,18 @@ def main():
 
     from latentlm_mcore.config import LatentLMConfig
     from latentlm_mcore.training.distributed import init_distributed, shutdown_distributed
-    from latentlm_mcore.training.step import build_optimizer, train_step, wrap_with_ddp
-    from latentlm_mcore.training.synthetic import random_packed_batch
-    from latentlm_mcore.training.trainer import build_model_chunks
+    from latentlm_mcore.data.loader.synthetic import random_packed_batch
+    from latentlm_mcore.training.trainer import Trainer
 
     cfg = LatentLMConfig("memory-check", model, TrainConfig(global_batch_size=2 * dp, micro_batch_size=1),
                          ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp))
     init_distributed(cfg.parallel)
-    config, chunks, dtype = build_model_chunks(cfg, RunConfig(precision="bf16"))
-    ddp = wrap_with_ddp(chunks, cfg.parallel)
-    optimizer = build_optimizer(ddp, cfg.train, cfg.parallel, dtype)
+    trainer = Trainer(cfg, RunConfig(precision="bf16"))
+    ddp, optimizer = trainer.chunks, trainer.optimizer
+    chunks = [c.module for c in ddp]
     batches = iter([random_packed_batch(1, model.seq_length, model.vocab_size, model.latent_dim, 4, 1, seed=i)
                     for i in range(2)])
-    train_step(ddp, optimizer, batches, 2, model.seq_length, 1)  # Adam's moments exist after the first step
+    trainer.step(batches)  # Adam's moments exist after the first step
     params = [p for c in chunks for p in c.parameters()]
     grads = [p.main_grad for p in params]
     main, states = [], []

@@ -68,3 +68,27 @@ def test_sampler_splits_ranks_and_resumes_where_it_stopped():
     full = _take(iter(InfiniteDistributedSampler(size, 1, 2, seed=3)), 12)
     resumed = _take(iter(InfiniteDistributedSampler(size, 1, 2, seed=3, start=7)), 5)
     assert resumed == full[7:12]
+
+
+@pytest.mark.parametrize("size", [(41, 27), (27, 40), (33, 33), (64, 17)])
+def test_training_and_offline_encoding_see_the_same_pixels(tmp_path, size):
+    """The σ-VAE's evaluation crop and the preprocessor's (what the LM's latents are encoded from) agree
+    pixel for pixel, odd margins included; a crop offset by one pixel would not."""
+    import numpy as np
+
+    from latentlm_mcore.data.prep.preprocess import load_image
+
+    rng = np.random.default_rng(sum(size))
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    trained = ImageDataset([str(tmp_path / "noise.png")], image_size=16, train=False)[0]
+    encoded = torch.from_numpy(load_image("noise.png", str(tmp_path), 16, 10 ** 8))
+    assert trained.shape == encoded.shape == (3, 16, 16)
+    assert torch.equal(trained, encoded)
+    shifted = Image.open(tmp_path / "noise.png").convert("RGB")
+    w, h = shifted.size
+    s = min(w, h)
+    left, top = (w - s + 1) // 2, (h - s + 1) // 2  # the other rounding of an odd margin
+    if (w - s) % 2 or (h - s) % 2:
+        other = shifted.resize((16, 16), Image.BICUBIC, box=(left, top, left + s, top + s))
+        other = torch.from_numpy(np.asarray(other, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        assert not torch.equal(other, encoded)

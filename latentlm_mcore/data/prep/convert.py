@@ -1,4 +1,4 @@
-"""Converters from public data formats to the raw JSONL of DESIGN §4 (see `schema`).
+"""Converters from public data formats to the raw JSONL of `data/schema.py`.
 
 Each converter yields raw documents (dicts) and counts what it could not use in a `Counter`. Images
 end as local files under one image root: images that come inside the input (webdataset tars, parquet

@@ -1,4 +1,4 @@
-"""Raw JSONL documents -> text ids + σ-VAE latents -> MDS shards (DESIGN §4).
+"""Raw JSONL documents -> text ids + σ-VAE latents -> MDS shards (formats: `data/schema.py`).
 
 The Transformer never runs the VAE: every image is encoded once here. Work is split over a Slurm job
 array (by file, or by line when there are fewer files than tasks: see `iter_raw_lines`), each task
@@ -30,6 +30,7 @@ from PIL import Image
 
 from latentlm_mcore.data import schema
 from latentlm_mcore.data.schema import SpecialIds, image_runs
+from latentlm_mcore.data.images import center_crop
 from latentlm_mcore.data.schema import RejectedDocument
 from latentlm_mcore.data.streaming_compat import import_streaming
 from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file
@@ -55,7 +56,8 @@ class PreprocessConfig:
 # ---------------------------------------------------------------------------------------------- images
 
 def load_image(path: str, image_root: str, image_size: int, max_pixels: int) -> np.ndarray:
-    """Read one image as float32 [3, S, S] in [-1, 1]: shorter side resized to S, then center-cropped.
+    """Read one image as float32 [3, S, S] in [-1, 1]: the largest centred square resized to S
+    (`data.images.center_crop`, as the σ-VAE saw its evaluation images).
 
     Raises RejectedDocument for a path outside the root, a missing, unreadable or truncated file, or one
     with more than `max_pixels` pixels (checked from the header, before decoding)."""
@@ -83,11 +85,7 @@ def load_image(path: str, image_root: str, image_size: int, max_pixels: int) -> 
     except (OSError, SyntaxError, ValueError) as e:
         reason = schema.IMAGE_TRUNCATED if "truncated" in str(e).lower() else schema.IMAGE_UNREADABLE
         raise RejectedDocument(reason, f"{path!r}: {e}") from None
-    scale = image_size / min(w, h)
-    rw, rh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
-    img = img.resize((rw, rh), Image.BICUBIC)
-    left, top = (rw - image_size) // 2, (rh - image_size) // 2
-    img = img.crop((left, top, left + image_size, top + image_size))
+    img = center_crop(img, image_size)  # the σ-VAE trainer's own (data/images.py)
     arr = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
     return arr / 127.5 - 1.0
 
