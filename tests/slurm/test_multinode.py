@@ -23,18 +23,24 @@ def losses(save: Path) -> list[tuple[int, float, float]]:
         return [(r["iteration"], r["lm loss"], r["diffusion loss"]) for r in map(json.loads, f) if r["split"] == "train"]
 
 
-def run_job(cluster, data, tmp_path, name, nodes, tasks_per_node, timeout=900) -> tuple[Path, str, float]:
-    """sbatch the launcher and wait for it; returns (save folder, job output, wall seconds)."""
+def submit(cluster, data, tmp_path, name, nodes, tasks_per_node) -> tuple[dict, str, Path, Path]:
+    """sbatch the launcher with the tiny preset; returns (environment, job id, save folder, job output)."""
     save, log = tmp_path / name, tmp_path / f"{name}.out"
     env = dict(cluster.env, DATA=str(data), SAVE=str(save), PRESET="tiny", FP8="none", PYTHON=sys.executable,
                TMPDIR="/var/tmp", OMP_NUM_THREADS="1")  # /var/tmp is node-local, as on a real cluster
-    start = time.time()
     job = sh(env, "sbatch", "--parsable", f"-N{nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
              "--cpus-per-task=1", "--time=15", f"--output={log}", f"--chdir={REPO}",
              str(REPO / "slurm/pretrain_mllm_1.3b.sh"),
              "--parallel.tensor-parallel", "2", "--train.train-steps", str(STEPS), "--train.warmup-steps", "2",
              "--train.global-batch-size", "4", "--train.micro-batch-size", "1", "--log-interval", "1",
              "--save-interval", "100", "--num-workers", "0", "--tensorboard", "false")
+    return env, job, save, log
+
+
+def run_job(cluster, data, tmp_path, name, nodes, tasks_per_node, timeout=900) -> tuple[Path, str, float]:
+    """sbatch the launcher and wait for it; returns (save folder, job output, wall seconds)."""
+    start = time.time()
+    env, job, save, log = submit(cluster, data, tmp_path, name, nodes, tasks_per_node)
     try:
         while sh(env, "squeue", "-h", "-j", job, "-o", "%T"):
             assert time.time() - start < timeout, f"job {job} still running after {timeout}s:\n{log.read_text()[-4000:]}"

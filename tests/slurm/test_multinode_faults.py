@@ -1,0 +1,50 @@
+"""Faults on the 3-node Slurm of tests/slurm/conftest.py, with slurm/pretrain_mllm_1.3b.sh on 2 nodes x 2 CPU
+tasks (TP=2 inside a node, DP=2 across nodes):
+(a) USR1 from Slurm to the batch shell mid-run: the tasks checkpoint and exit, the job requeues itself, resumes
+    on 2 nodes and its loss curve equals an uninterrupted run's, no iteration lost or repeated."""
+import subprocess
+import time
+
+from tests.slurm.test_multinode import STEPS, losses, run_job, sh, submit
+
+
+def wait(condition, what: str, log, timeout=600):
+    end = time.time() + timeout
+    while time.time() < end:
+        if condition():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; job output:\n{log.read_text()[-4000:] if log.exists() else ''}")
+
+
+def trained(save) -> int:
+    try:
+        return len(losses(save))
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(multinode_cluster, tiny_dataset, tmp_path):
+    reference, out_ref, _ = run_job(multinode_cluster, tiny_dataset, tmp_path, "reference", nodes=2, tasks_per_node=2)
+    assert f"stopped at iteration {STEPS}: finished" in out_ref, out_ref[-5000:]
+    env, job, save, log = submit(multinode_cluster, tiny_dataset, tmp_path, "preempted", nodes=2, tasks_per_node=2)
+    start = time.time()
+    try:
+        wait(lambda: trained(save) >= 2, "2 training iterations", log)
+        sh(env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@300 sends at the time limit
+        wait(lambda: sh(env, "squeue", "-h", "-j", job, "-o", "%T") == "PENDING", "the job to requeue itself", log)
+        preempted_at = (save / "latest").read_text().strip()
+        sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's 2-minute requeue hold
+        wait(lambda: sh(env, "squeue", "-h", "-j", job, "-o", "%T") == "", "the requeued job to finish", log)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+    wall = time.time() - start
+    out = log.read_text()
+    stop = int(out.split("stopped at iteration ")[1].split(":")[0])
+    assert "signal SIGUSR1" in out.split("stopped at iteration ")[1].splitlines()[0], out[-4000:]
+    assert preempted_at == f"iter_{stop:07d}" and stop < STEPS
+    assert "restart 1" in out and "2 nodes, 4 tasks" in out.split("restart 1")[1]
+    assert f"resumed from {save / preempted_at} at iteration {stop}" in out
+    assert f"stopped at iteration {STEPS}: finished" in out
+    assert losses(save) == losses(reference), "the requeued run must continue the uninterrupted curve exactly"
+    print(f"wall: preempted at iteration {stop}, requeued and finished in {wall:.0f}s")
