@@ -60,3 +60,50 @@ def test_two_nodes_give_the_one_node_loss_curve(multinode_cluster, tiny_dataset,
     assert [it for it, *_ in curve] == list(range(1, STEPS + 1))
     assert curve == losses(one), "DP across hosts must give the one-host losses exactly (same layout, same order)"
     print(f"wall: 2 nodes {wall2:.0f}s, 1 node {wall1:.0f}s")
+
+
+def test_dead_host_ends_the_step_and_the_requeue_resumes_on_the_healthy_nodes(multinode_cluster, tiny_dataset, tmp_path):
+    """node.sh kill takes a node's link down and SIGKILLs its slurmd and tasks (peers see silence, not a
+    closed socket). slurmctld marks it DOWN after SlurmdTimeout, ends the job's step on the other node and
+    requeues the job (--requeue); it resumes from the last complete checkpoint on the two healthy nodes."""
+    cluster, steps = multinode_cluster, 12
+    save, log = tmp_path / "ckpt", tmp_path / "job.out"
+    env = dict(cluster.env, DATA=str(tiny_dataset), SAVE=str(save), PRESET="tiny", FP8="none", PYTHON=sys.executable,
+               TMPDIR="/var/tmp", OMP_NUM_THREADS="1")
+    job = sh(env, "sbatch", "--parsable", "-N2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+             "--time=20", f"--output={log}", f"--chdir={REPO}", str(REPO / "slurm/pretrain_mllm_1.3b.sh"),
+             "--parallel.tensor-parallel", "2", "--train.train-steps", str(steps), "--train.warmup-steps", "2",
+             "--train.global-batch-size", "4", "--train.micro-batch-size", "1", "--log-interval", "1",
+             "--save-interval", "4", "--num-workers", "0", "--tensorboard", "false")
+    state = lambda: sh(env, "squeue", "-h", "-j", job, "-o", "%T")  # noqa: E731
+    done = lambda: [r[0] for r in losses(save)] if (save / "metrics.jsonl").exists() else []  # noqa: E731
+    try:
+        end = time.time() + 600
+        while len(done()) < 6:
+            assert time.time() < end, log.read_text()[-4000:]
+            time.sleep(0.5)
+        victim = sh(env, "squeue", "-h", "-j", job, "-o", "%N").replace("node[", "").split(",")[-1].strip("]")
+        victim = int(victim.split("-")[-1].replace("node", ""))
+        killed = time.time()
+        cluster.node("kill", victim)
+        while state() == "RUNNING":
+            assert time.time() - killed < 300, f"the job hangs after node{victim} died:\n{log.read_text()[-4000:]}"
+            time.sleep(0.5)
+        fail_fast = time.time() - killed
+        kept = (save / "latest").read_text().strip()
+        assert kept in ("iter_0000004", "iter_0000008") and (save / kept).is_dir()
+        while state() not in ("PENDING", ""):
+            time.sleep(0.5)
+        sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold
+        end = time.time() + 600
+        while state():
+            assert time.time() < end, log.read_text()[-4000:]
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
+        cluster.node("start", victim) if "victim" in locals() else None
+    out = log.read_text()
+    assert f"resumed from {save / kept}" in out, out[-5000:]
+    assert f"stopped at iteration {steps}: finished" in out, out[-5000:]
+    assert done() == list(range(1, steps + 1)), "no iteration lost or repeated across the node failure"
+    print(f"node{victim} killed: job off the node after {fail_fast:.0f}s")
