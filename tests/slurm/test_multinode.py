@@ -23,13 +23,13 @@ def losses(save: Path) -> list[tuple[int, float, float]]:
         return [(r["iteration"], r["lm loss"], r["diffusion loss"]) for r in map(json.loads, f) if r["split"] == "train"]
 
 
-def submit(cluster, data, tmp_path, name, nodes, tasks_per_node) -> tuple[dict, str, Path, Path]:
+def submit(cluster, data, tmp_path, name, nodes, tasks_per_node, sbatch_args=()) -> tuple[dict, str, Path, Path]:
     """sbatch the launcher with the tiny preset; returns (environment, job id, save folder, job output)."""
     save, log = tmp_path / name, tmp_path / f"{name}.out"
     env = dict(cluster.env, DATA=str(data), SAVE=str(save), PRESET="tiny", FP8="none", PYTHON=sys.executable,
                TMPDIR="/var/tmp", OMP_NUM_THREADS="1")  # /var/tmp is node-local, as on a real cluster
     job = sh(env, "sbatch", "--parsable", f"-N{nodes}", f"--ntasks-per-node={tasks_per_node}", "--gpus-per-node=0",
-             "--cpus-per-task=1", "--time=15", f"--output={log}", f"--chdir={REPO}",
+             "--cpus-per-task=1", "--time=15", f"--output={log}", f"--chdir={REPO}", *sbatch_args,
              str(REPO / "slurm/pretrain_mllm_1.3b.sh"),
              "--parallel.tensor-parallel", "2", "--train.train-steps", str(STEPS), "--train.warmup-steps", "2",
              "--train.global-batch-size", "4", "--train.micro-batch-size", "1", "--log-interval", "1",
