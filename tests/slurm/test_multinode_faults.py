@@ -44,7 +44,10 @@ def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(multinode_cl
         sh(env, "scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@300 sends at the time limit
         wait(lambda: sh(env, "squeue", "-h", "-j", job, "-o", "%T") == "PENDING", "the job to requeue itself", log)
         preempted_at = (save / "latest").read_text().strip()
-        sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's 2-minute requeue hold
+        # skip Slurm's 2-minute requeue hold, but not within the second of the requeue: slurmd revokes the old
+        # run's credential by the second and would kill the restart as "Job credential revoked"
+        time.sleep(2)
+        sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")
         wait(lambda: sh(env, "squeue", "-h", "-j", job, "-o", "%T") == "", "the requeued job to finish", log)
     finally:
         subprocess.run(["scancel", job], env=env, capture_output=True)
