@@ -94,6 +94,7 @@ def test_dead_host_ends_the_step_and_the_requeue_resumes_on_the_healthy_nodes(mu
         assert kept in ("iter_0000004", "iter_0000008") and (save / kept).is_dir()
         while state() not in ("PENDING", ""):
             time.sleep(0.5)
+        time.sleep(2)  # not within the second of the requeue: slurmd would reject the restart (credential revoked)
         sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's requeue hold
         end = time.time() + 600
         while state():
