@@ -54,6 +54,7 @@ def test_sbatch_trains_checkpoints_and_resumes_after_requeue(slurm_cluster, tiny
         sh(env, "scontrol", "requeue", job)
         wait(lambda: job_field(env, job, "%T") == "PENDING", "the job to be requeued", log)
         preempted_at = (save / "latest").read_text().strip()
+        time.sleep(2)  # not within the second of the requeue: slurmd would reject the restart (credential revoked)
         sh(env, "scontrol", "update", f"JobId={job}", "StartTime=now")  # skip Slurm's 2-minute requeue hold
         wait(lambda: job_field(env, job, "%T") == "", "the requeued job to finish", log)
     finally:
