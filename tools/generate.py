@@ -3,6 +3,7 @@
   python tools/generate.py --checkpoint runs/mllm/ckpt --task text-to-image --prompt "a red cat" --output out/
   python tools/generate.py --hf exports/mllm --task image-to-text --image cat.jpg --output out/
   python tools/generate.py --hf exports/mllm --task text --prompt "Once upon a time" --output out/
+  python tools/generate.py --checkpoint runs/imagenet-l --task class-to-image --class 207 --class 360 --output out/
 
 A Megatron checkpoint (saved at any TP/PP) is loaded at TP=1 in this process and decodes with
 megatron's static KV cache; an HF folder with transformers' DynamicCache. Writes `<output>/grid.png` (all images),
@@ -32,11 +33,14 @@ def parse_args(argv=None):
     p.add_argument("--iteration", type=int, help="with --checkpoint: this iteration instead of the latest")
     p.add_argument("--tokenizer", help="with --checkpoint: tokenizer spec (default: the checkpoint's provenance)")
     p.add_argument("--sigma-vae", help="with --checkpoint: σ-VAE file (default: the checkpoint's provenance)")
-    p.add_argument("--task", choices=["text-to-image", "image-to-text", "text"], required=True)
+    p.add_argument("--task", choices=["text-to-image", "class-to-image", "image-to-text", "text"], required=True)
+    p.add_argument("--class", dest="classes", type=int, action="append", default=[],
+                   help="class-to-image: a class index (repeat for a batch)")
     p.add_argument("--prompt", action="append", default=[], help="a caption / text prompt (repeat for a batch)")
     p.add_argument("--image", action="append", default=[], help="image-to-text: an image file (repeat for a batch)")
     p.add_argument("--output", required=True)
-    p.add_argument("--cfg-scale", type=float, default=1.65, help="classifier-free guidance of latents (1 = off)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="classifier-free guidance of latents (1 = off); default: the model's preset's, else 1.65")
     p.add_argument("--diffusion-steps", type=int, default=20, help="DPM-Solver++ steps per latent")
     p.add_argument("--temperature", type=float, default=1.0, help="text sampling; 0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -45,7 +49,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.task == "image-to-text" and not args.image:
         p.error("--task image-to-text needs at least one --image")
-    if args.task != "image-to-text" and not args.prompt:
+    if args.task == "class-to-image" and not args.classes:
+        p.error("--task class-to-image needs at least one --class")
+    if args.task not in ("image-to-text", "class-to-image") and not args.prompt:
         p.error(f"--task {args.task} needs at least one --prompt")
     if args.hf and (args.iteration is not None or args.tokenizer or args.sigma_vae):
         p.error("--iteration/--tokenizer/--sigma-vae apply to --checkpoint; an HF folder carries its own")
@@ -93,6 +99,13 @@ def write_outputs(generations, prompts, output: str) -> None:
         json.dump(records, f, indent=2)
 
 
+def _cfg_scale(given: float | None, generator) -> float:
+    """--cfg-scale, else the guidance of the model's preset (imagenet-*: the paper's 1.75 / 1.65), else 1.65."""
+    if given is not None:
+        return given
+    return generator.cfg_scale if generator.cfg_scale is not None else 1.65
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.hf:
@@ -100,9 +113,12 @@ def main(argv=None):
     else:
         generator = Generator.from_megatron(args.checkpoint, args.iteration, args.tokenizer, args.sigma_vae)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              cfg_scale=args.cfg_scale, diffusion_steps=args.diffusion_steps, seed=args.seed)
+                              cfg_scale=_cfg_scale(args.cfg_scale, generator),
+                              diffusion_steps=args.diffusion_steps, seed=args.seed)
     if args.task == "text-to-image":
         prompts, generations = args.prompt, generator.text_to_image(args.prompt, sampling)
+    elif args.task == "class-to-image":
+        prompts, generations = [f"class {c}" for c in args.classes], generator.class_to_image(args.classes, sampling)
     elif args.task == "image-to-text":
         images = load_images(args.image, generator.vae.config.image_size) if generator.vae else None
         prompts, generations = args.image, generator.image_to_text(images, sampling, prompt=" ".join(args.prompt))

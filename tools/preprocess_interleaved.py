@@ -1,4 +1,4 @@
-"""Raw JSONL (text / image-text pairs / interleaved) -> text ids + σ-VAE latents -> MDS shards.
+"""Raw JSONL (text / image-text pairs / interleaved / class-labelled images) -> ids + σ-VAE latents -> MDS shards.
 
 One process:
     python tools/preprocess_interleaved.py --input 'raw/*.jsonl' --image-root images \
@@ -6,6 +6,9 @@ One process:
 Slurm job array (see slurm/preprocess_interleaved.sh): task k of N writes part k, then one merge:
     python tools/preprocess_interleaved.py ... --num-shards N --shard-index k
     python tools/preprocess_interleaved.py --merge --output data/mllm --num-shards N
+Class-conditional images (data_prep/convert.py imagefolder) take a class vocabulary and, as DiT, flips:
+    python tools/preprocess_interleaved.py --input imagenet.jsonl --image-root /data/imagenet/train \
+        --vae sigma_vae.pt --tokenizer classes:1000 --hflip --output data/imagenet
 Re-running skips finished parts. Skipped documents are listed in <output>/parts/*.rejects.jsonl and
 counted by reason in <output>/manifest.json.
 """
@@ -30,7 +33,10 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", help="raw JSONL files or globs")
     p.add_argument("--image-root", help="folder every image path is relative to (and must stay inside)")
     p.add_argument("--vae", help="σ-VAE file written by save_sigma_vae")
-    p.add_argument("--tokenizer", default="cl100k_base", help="cl100k_base, a .tiktoken or a sentencepiece .model")
+    p.add_argument("--tokenizer", default="cl100k_base", help="cl100k_base, cl100k_base:N, a .tiktoken or a sentencepiece .model file; "
+                                                          "classes:N for class-labelled images")
+    p.add_argument("--hflip", action="store_true", help="class images: also encode each image's horizontal "
+                   "mirror; the loader picks one of the two (DiT's flip). Not for digits or text in images")
     p.add_argument("--shard-index", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
     p.add_argument("--batch-images", type=int, default=64)
     p.add_argument("--max-image-pixels", type=int, default=PreprocessConfig.max_image_pixels)
@@ -44,7 +50,7 @@ def main(argv=None):
             p.error(f"encoding needs {', '.join(missing)}")
         part = preprocess_part(PreprocessConfig(
             inputs=args.input, output=args.output, image_root=args.image_root, vae_checkpoint=args.vae,
-            tokenizer=args.tokenizer, num_shards=args.num_shards, shard_index=args.shard_index,
+            tokenizer=args.tokenizer, hflip=args.hflip, num_shards=args.num_shards, shard_index=args.shard_index,
             batch_images=args.batch_images, max_image_pixels=args.max_image_pixels, device=args.device,
             progress=not args.no_progress))
         print(f"{part['part']}: written {part['documents_written']}, rejected {part['documents_rejected']}")

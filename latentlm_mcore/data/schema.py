@@ -2,7 +2,17 @@
 
 Raw JSONL (what `data_prep/` writes, what preprocessing reads), one document per line:
     {"id": str, "source": "text" | "pair" | "interleaved", "segments": [{"text": str} | {"image": path}]}
+    {"id": str, "source": "class", "label": int, "segments": [{"image": path}]}   class-conditional images
 Image paths are relative to one image root (absolute paths must lie inside it).
+
+Class documents (paper §3.1: class-conditional ImageNet) are preprocessed with a class vocabulary
+(`tokenizer.ClassVocabulary`, spec `classes:N`: class c is id c, <NULL_CLASS> is N, the specials follow;
+N = 1000 pads to the presets' 1,024) into `<class c> <BOD> latents <EOD> <END_OF_DOCUMENT>`: 260 ids for
+256 latents, the ImageNet presets' sequence, so every sequence is one image with its class token at
+position 0. The loader's label dropout puts <NULL_CLASS> in place of the class (classifier-free guidance).
+With horizontal flips (`PreprocessConfig.hflip`, DiT's augmentation) a class document's `latents` hold
+2 x num_latents rows: the image's, then its mirror's, both encoded by the σ-VAE (flipping the latent grid
+is not exact: each latent codes a whole patch); the loader takes one of the two per (seed, document index).
 
 Pre-encoded MDS sample (one document), see `MDS_COLUMNS`:
     tokens   int32[n]            text ids; <BOD>, num_latents x <LATENT>, <EOD> around each image;
@@ -31,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SOURCES = ("text", "pair", "interleaved")
+SOURCES = ("text", "pair", "interleaved", "class")
 MDS_COLUMNS = {"tokens": "ndarray:int32", "latents": "bytes", "doc_id": "str", "source": "str"}
 MANIFEST_NAME = "manifest.json"
 
@@ -45,8 +55,9 @@ IMAGE_OUTSIDE_ROOT = "image_outside_root"
 IMAGE_UNREADABLE = "image_unreadable"
 IMAGE_TRUNCATED = "image_truncated"
 IMAGE_TOO_LARGE = "image_too_large"
+LABEL_OUT_OF_RANGE = "label_out_of_range"  # a class document's label the class vocabulary has no id for
 REJECT_REASONS = (INVALID_JSON, INVALID_SCHEMA, EMPTY_DOCUMENT, DUPLICATE_ID, IMAGE_MISSING,
-                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE)
+                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE, LABEL_OUT_OF_RANGE)
 
 
 @dataclass
@@ -56,12 +67,13 @@ class SpecialIds:
     latent: int
     end_of_document: int
     pad: int
+    null_class: int | None = None  # class vocabularies only: what label dropout puts in place of the class
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "SpecialIds":
         ids = manifest["tokenizer"]["special_ids"]
         return cls(bod=ids["<BOD>"], eod=ids["<EOD>"], latent=ids["<LATENT>"],
-                   end_of_document=ids["<END_OF_DOCUMENT>"], pad=ids["<PAD>"])
+                   end_of_document=ids["<END_OF_DOCUMENT>"], pad=ids["<PAD>"], null_class=ids.get("<NULL_CLASS>"))
 
 
 def image_runs(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
@@ -84,13 +96,17 @@ class RawDocument:
     id: str
     source: str
     segments: list[dict]  # each {"text": str} or {"image": str}
+    label: int | None = None  # source "class": the class index
 
     @property
     def image_paths(self) -> list[str]:
         return [s["image"] for s in self.segments if "image" in s]
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "source": self.source, "segments": self.segments}, ensure_ascii=False)
+        obj = {"id": self.id, "source": self.source, "segments": self.segments}
+        if self.label is not None:
+            obj["label"] = self.label
+        return json.dumps(obj, ensure_ascii=False)
 
 
 def parse_raw_line(line: bytes | str) -> RawDocument:
@@ -132,7 +148,24 @@ def _validate(doc_id: str, obj: dict) -> RawDocument:
             raise RejectedDocument(INVALID_SCHEMA, f"segment {i} is not {{'text': str}} or {{'image': path}}")
     if not kept:
         raise RejectedDocument(EMPTY_DOCUMENT, "no text and no image")
+    if obj["source"] == "class":
+        return _validate_class(doc_id, obj, kept)
+    if "label" in obj:
+        raise RejectedDocument(INVALID_SCHEMA, f"'label' belongs to source 'class', not {obj['source']!r}")
     return RawDocument(id=doc_id, source=obj["source"], segments=kept)
+
+
+def _validate_class(doc_id: str, obj: dict, segments: list[dict]) -> RawDocument:
+    label = obj.get("label")
+    # bool is an int in Python; JSON true is no class index
+    if not isinstance(label, int) or isinstance(label, bool):
+        raise RejectedDocument(INVALID_SCHEMA, f"a class document needs an integer 'label', got {label!r}")
+    if label < 0:
+        raise RejectedDocument(LABEL_OUT_OF_RANGE, f"label {label} is negative")
+    if len(segments) != 1 or "image" not in segments[0]:
+        raise RejectedDocument(INVALID_SCHEMA, f"a class document is exactly one image segment, got "
+                                               f"{[next(iter(s)) for s in segments]}")
+    return RawDocument(id=doc_id, source="class", segments=segments, label=label)
 
 
 def encode_latents(latents) -> bytes:

@@ -115,7 +115,7 @@ class _SpecialTokens:
     @property
     def spec(self) -> str:
         """What `load_tokenizer` takes to load this tokenizer again."""
-        if self.name == "cl100k_base" or self.name.startswith("cl100k_base:"):
+        if self.name == "cl100k_base" or self.name.startswith(("cl100k_base:", "classes:")):
             return self.name
         return str(Path(self.path).resolve())
 
@@ -195,9 +195,46 @@ class SentencePieceTokenizer(_SpecialTokens):
         return self._sp.decode([int(i) for i in ids if i < n])
 
 
+class ClassVocabulary(_SpecialTokens):
+    """The vocabulary of class-conditional image data (paper §3.1): no text, one id per class.
+
+        class c          c              0 <= c < N (ImageNet: the class index, 0..999)
+        <NULL_CLASS>     N              the class token of classifier-free guidance's unconditional stream;
+                                        label dropout puts it in place of the class in training
+        <BOD> ... <PAD>  N+1 .. N+5     as for text tokenizers, in SPECIAL_TOKEN_NAMES order
+
+    padded to a multiple of 64: N = 1000 gives 1,024, the ImageNet presets' vocabulary. Spec `classes:N`."""
+
+    NULL_CLASS = "<NULL_CLASS>"
+
+    def __init__(self, num_classes: int):
+        if num_classes < 1:
+            raise ValueError(f"classes:{num_classes}: a class vocabulary needs at least one class")
+        self.num_classes, self.null_class_id = num_classes, num_classes
+        self.name, self.path, self.file_sha256 = f"classes:{num_classes}", None, None
+        self._set_special_ids(num_classes + 1)
+        self.special_ids = {self.NULL_CLASS: self.null_class_id, **self.special_ids}
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError(f"{self.name} is a class vocabulary: it has no ids for text ({text[:40]!r}); "
+                         f"preprocess text documents with a text tokenizer")
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids) -> str:
+        return " ".join(f"class {int(i)}" for i in ids if 0 <= int(i) < self.num_classes)
+
+
 def load_tokenizer(spec: str = "cl100k_base"):
     """`cl100k_base` (found as `find_cl100k_file` describes), `cl100k_base:N` (its first N ranks), a
-    `.tiktoken` rank file (cl100k's pre-tokenizer pattern), or a sentencepiece `.model` file."""
+    `.tiktoken` rank file (cl100k's pre-tokenizer pattern), a sentencepiece `.model` file, or `classes:N`
+    (`ClassVocabulary`: class-conditional images, no text)."""
+    if spec.startswith("classes:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit():
+            raise ValueError(f"tokenizer {spec!r}: expected classes:N with N the number of classes")
+        return ClassVocabulary(int(count))
     if spec == "cl100k_base":
         return TiktokenTokenizer.cl100k_base()
     if spec.startswith("cl100k_base:"):

@@ -18,7 +18,9 @@ class LatentLMHFConfig(LlamaConfig):
                  head_ffn_hidden_size: int | None = None, head_layers: int = 2, timestep_embedding_dim: int = 256,
                  num_timesteps: int = 1000, prediction: str = "v", bod_token_id: int | None = None,
                  eod_token_id: int | None = None, latent_token_id: int | None = None,
-                 end_of_document_token_id: int | None = None, latents_per_image: int | None = None, **kwargs):
+                 end_of_document_token_id: int | None = None, latents_per_image: int | None = None,
+                 num_classes: int | None = None, null_class_token_id: int | None = None,
+                 cfg_scale: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.latent_dim = latent_dim
         self.head_hidden_size = head_hidden_size or self.hidden_size
@@ -32,3 +34,6 @@ class LatentLMHFConfig(LlamaConfig):
         self.latent_token_id = latent_token_id
         self.end_of_document_token_id = end_of_document_token_id
         self.latents_per_image = latents_per_image
+        self.num_classes = num_classes  # class-conditional models: class c is id c, for c < num_classes
+        self.null_class_token_id = null_class_token_id  # the unconditional stream's class (label dropout's)
+        self.cfg_scale = cfg_scale  # guidance the model's preset is sampled with

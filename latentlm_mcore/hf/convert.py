@@ -84,7 +84,9 @@ def hf_config(cfg: ModelConfig, special: dict | None, latents_per_image: int | N
         bod_token_id=special.get("<BOD>"), eod_token_id=special.get("<EOD>"),
         latent_token_id=special.get("<LATENT>"), end_of_document_token_id=special.get("<END_OF_DOCUMENT>"),
         pad_token_id=special.get("<PAD>"), eos_token_id=special.get("<END_OF_DOCUMENT>"),
-        latents_per_image=latents_per_image)
+        latents_per_image=latents_per_image,
+        # a class vocabulary (tokenizer.ClassVocabulary): classes are ids 0..N-1 and <NULL_CLASS> is N
+        num_classes=special.get("<NULL_CLASS>"), null_class_token_id=special.get("<NULL_CLASS>"))
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["LatentLMForCausalLM"]
     return config
@@ -248,6 +250,7 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
 
     config = hf_config(cfg.model, tok.special_ids if tok else None, vae.config.num_latents if vae else None,
                        torch_dtype)
+    config.cfg_scale = cfg.cfg_scale
     hf_model = LatentLMForCausalLM(config)
     hf_model.load_state_dict(megatron_to_hf_state_dict(model.state_dict(), cfg.model), strict=True)
     hf_model.to(torch_dtype)
@@ -260,7 +263,7 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
         write_remote_code(staging)
         GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=True,
                          temperature=1.0, top_p=0.9, max_new_tokens=256).save_pretrained(staging)
-        if tok is not None:
+        if tok is not None and not hasattr(tok, "num_classes"):  # class ids live in config.json, no text
             write_tokenizer(tok, staging)
         if vae is not None:
             write_sigma_vae(vae, staging)

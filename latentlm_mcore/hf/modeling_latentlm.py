@@ -31,7 +31,7 @@ from latentlm_mcore.diffusion.samplers import ddpm_sample, dpm_solver_pp_sample 
 from latentlm_mcore.diffusion.schedule import cosine_alphas_cumprod
 from latentlm_mcore.hf.configuration_latentlm import LatentLMHFConfig
 from latentlm_mcore.inference.generation import (Decoder, RecomputeDecoder, Sample, SamplingConfig, SpecialTokens,
-                                                 generate)
+                                                 class_prompts, generate)
 from latentlm_mcore.model.diffusion_head import DiffusionHead
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.model import SigmaVAE
@@ -142,6 +142,20 @@ class LatentLMForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         `vae = load_sigma_vae()` as `vae.decode(vae.latent_stats.unscale(z))`."""
         return generate(self.decoder(use_cache), prompts, self.special_tokens(), SamplingConfig(**sampling),
                         uncond_prompts=uncond_prompts, progress=progress)
+
+    @torch.no_grad()
+    def generate_classes(self, labels, use_cache: bool = True, progress: bool = True, **sampling) -> list[Sample]:
+        """One image per class label (class-conditional models: config.num_classes), guided against the null
+        class in the same batch at `cfg_scale` (default: config.cfg_scale, the preset's). Scaled latents, as
+        `generate_mixed`."""
+        c, special = self.config, self.special_tokens()
+        if not getattr(c, "num_classes", None):
+            raise ValueError("config.json has no num_classes: this export is not class-conditional")
+        prompts, uncond = class_prompts(labels, special, c.num_classes, c.null_class_token_id)
+        sampling = {"cfg_scale": c.cfg_scale or 1.0, "max_new_tokens": c.latents_per_image + 1,
+                    "stop_after_images": 1, **sampling}
+        return generate(self.decoder(use_cache), prompts, special, SamplingConfig(**sampling),
+                        uncond_prompts=uncond, progress=progress)
 
     def load_sigma_vae(self, folder: Optional[str] = None) -> SigmaVAE:
         """The σ-VAE exported next to this model (eval mode, `.latent_stats` set)."""

@@ -121,6 +121,16 @@ def unconditional_prompt(prompt: Prompt, special: SpecialTokens) -> list[Segment
     return [special.end_of_document, special.bod, torch.stack(flat[len(flat) - n_open:])]
 
 
+def class_prompts(labels: Sequence[int], special: SpecialTokens, num_classes: int, null_class: int):
+    """Prompts of class-conditional generation: `<class> <BOD>` and, for guidance's unconditional stream in
+    the same batch, `<NULL_CLASS> <BOD>`. No <END_OF_DOCUMENT> in front: class data is one image per
+    sequence, so in training the class token is always at position 0 (data/schema.py)."""
+    bad = [c for c in labels if not 0 <= int(c) < num_classes]
+    if bad:
+        raise ValueError(f"class {bad[0]} is not one of the model's {num_classes} classes (0..{num_classes - 1})")
+    return [[int(c), special.bod] for c in labels], [[null_class, special.bod] for _ in labels]
+
+
 @torch.no_grad()
 def generate(decoder: Decoder, prompts: Sequence[Prompt], special: SpecialTokens, config: SamplingConfig,
              uncond_prompts: Sequence[Prompt] | None = None, progress: bool = True) -> list[Sample]:

@@ -1,4 +1,4 @@
-"""Text -> image, image -> text and text continuation over either backend.
+"""Text -> image, class -> image, image -> text and text continuation over either backend.
 
 A `Generator` bundles what a task needs: a `Decoder`, the special tokens, a tokenizer (`encode` /
 `decode`) and the σ-VAE (its `latent_stats` scale latents for the model and unscale them for
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from latentlm_mcore.inference.generation import Decoder, Sample, SamplingConfig, SpecialTokens, generate
+from latentlm_mcore.inference.generation import (Decoder, Sample, SamplingConfig, SpecialTokens, class_prompts,
+                                                 generate)
 
 
 @dataclass
@@ -37,8 +38,11 @@ class _HFTokenizer:
 
 
 class Generator:
-    def __init__(self, decoder: Decoder, special: SpecialTokens, tokenizer, vae):
+    def __init__(self, decoder: Decoder, special: SpecialTokens, tokenizer, vae, classes: tuple[int, int] | None = None,
+                 cfg_scale: float | None = None):
         self.decoder, self.special, self.tokenizer, self.vae = decoder, special, tokenizer, vae
+        self.classes = classes  # (number of classes, <NULL_CLASS> id) of a class-conditional model
+        self.cfg_scale = cfg_scale  # the guidance its preset is sampled with, if it has one
 
     @classmethod
     def from_hf_folder(cls, folder: str, use_cache: bool = True) -> "Generator":
@@ -56,7 +60,10 @@ class Generator:
         tokenizer = _HFTokenizer(AutoTokenizer.from_pretrained(folder, trust_remote_code=False)) if has_tokenizer else None
         has_vae = os.path.isfile(os.path.join(folder, "sigma_vae.json"))
         vae = model.load_sigma_vae(folder) if has_vae else None
-        return cls(model.decoder(use_cache), model.special_tokens(), tokenizer, vae)
+        c = model.config
+        classes = (c.num_classes, c.null_class_token_id) if getattr(c, "num_classes", None) else None
+        return cls(model.decoder(use_cache), model.special_tokens(), tokenizer, vae, classes,
+                   getattr(c, "cfg_scale", None))
 
     @classmethod
     def from_megatron(cls, checkpoint: str, iteration: int | None = None, tokenizer: str | None = None,
@@ -78,7 +85,8 @@ class Generator:
             raise ValueError(f"σ-VAE {sigma_vae} has no latent statistics; the model's latents are scaled by them")
         special = SpecialTokens(tok.bod_id, tok.eod_id, tok.latent_id, tok.end_of_document_id,
                                 vae.config.num_latents if vae is not None else 0)
-        return cls(megatron_decoder(model, use_cache), special, tok, vae)
+        classes = (tok.num_classes, tok.null_class_id) if hasattr(tok, "num_classes") else None
+        return cls(megatron_decoder(model, use_cache), special, tok, vae, classes, cfg.cfg_scale)
 
     # ------------------------------------------------------------ tasks
     def text_to_image(self, captions: list[str], sampling: SamplingConfig) -> list[Generation]:
@@ -89,6 +97,17 @@ class Generator:
         sampling = _replace(sampling, stop_after_images=1,
                             max_new_tokens=max(sampling.max_new_tokens, s.latents_per_image + 1))
         return self.run(prompts, sampling)
+
+    def class_to_image(self, labels: list[int], sampling: SamplingConfig) -> list[Generation]:
+        """One image per class label; guidance's unconditional stream is the null class, in the same batch."""
+        if self.classes is None:
+            raise ValueError("this model has no class vocabulary (tokenizer classes:N); class-to-image needs one")
+        self._need("vae")
+        prompts, uncond = class_prompts(labels, self.special, *self.classes)
+        sampling = _replace(sampling, stop_after_images=1,
+                            max_new_tokens=max(sampling.max_new_tokens, self.special.latents_per_image + 1))
+        samples = generate(self.decoder, prompts, self.special, sampling, uncond_prompts=uncond)
+        return [self._finish(sample) for sample in samples]
 
     def image_to_text(self, images: torch.Tensor, sampling: SamplingConfig, prompt: str = "") -> list[Generation]:
         """Text after each image ([B, 3, H, W] in [-1, 1]) and an optional text prompt."""

@@ -297,3 +297,40 @@ def test_export_and_generation_survive_moved_dataset_and_sigma_vae_folders(out, 
         copy.unlink()
     with pytest.raises(AssertionError, match="no σ-VAE with sha256.*pass --sigma-vae"):
         run_tool("convert_ckpt_to_hf.py", ["--checkpoint", str(moved), "--output", str(tmp_path / "hf2")], out / "tmp")
+
+
+def test_class_to_image_hf_equals_megatron_with_the_null_class_in_the_batch(out):
+    """Class -> image on both backends, the same checkpoint read with a class vocabulary (classes:10: ids 0..9,
+    <NULL_CLASS> 10): same tokens and images; the unconditional stream is the null class (guidance on)."""
+    from latentlm_mcore.inference.generation import class_prompts
+
+    run_tool("convert_ckpt_to_hf.py", ["--checkpoint", str(out / "ckpt_tp2"), "--output", str(out / "hf_classes"),
+                                       "--tokenizer", "classes:10"], out / "tmp")
+    config = json.loads((out / "hf_classes" / "config.json").read_text())
+    assert (config["num_classes"], config["null_class_token_id"], config["bod_token_id"]) == (10, 10, 11)
+    assert not (out / "hf_classes" / "tokenizer.json").exists()  # class ids need no text tokenizer
+    run_tool("generate.py", ["--checkpoint", str(out / "ckpt_tp2"), "--tokenizer", "classes:10", "--task",
+                             "class-to-image", "--class", "3", "--class", "7", "--output", str(out / "cls_megatron"),
+                             "--cfg-scale", "2.0", "--diffusion-steps", "10", "--seed", "7"], out / "tmp")
+    megatron = json.loads((out / "cls_megatron" / "samples.json").read_text())
+    generator = Generator.from_hf_folder(str(out / "hf_classes"))
+    assert generator.classes == (10, 10)
+    generations = generator.class_to_image([3, 7], SamplingConfig(cfg_scale=2.0, diffusion_steps=10, seed=7))
+    for i, (g, m) in enumerate(zip(generations, megatron)):
+        assert g.tokens == m["tokens"] and len(g.images) == 1 and m["prompt"] == f"class {[3, 7][i]}"
+        png = np.asarray(Image.open(out / "cls_megatron" / "images" / f"{i:03d}.png")).astype(int)
+        assert np.abs(_png(g.images[0]) - png).max() <= 1
+    # the exported folder alone: generate_classes gives the same latents as the Generator
+    model = load_hf(str(out / "hf_classes"))
+    samples = model.generate_classes([3, 7], cfg_scale=2.0, diffusion_steps=10, seed=7, progress=False)
+    vae = model.load_sigma_vae()
+    with torch.no_grad():
+        pixels = vae.decode(vae.latent_stats.unscale(samples[1].images[0][None])).float().clamp(-1, 1)[0]
+    assert torch.allclose(pixels, generations[1].images[0], atol=1e-5)
+    # guidance changes the image: the null-class stream is really in the batch
+    unguided = generator.class_to_image([3, 7], SamplingConfig(cfg_scale=1.0, diffusion_steps=10, seed=7))
+    assert not torch.allclose(unguided[0].images[0], generations[0].images[0])
+    special = model.special_tokens()
+    assert class_prompts([3], special, 10, 10) == ([[3, 11]], [[10, 11]])
+    with pytest.raises(ValueError, match="class 10 is not one of the model's 10 classes"):
+        generator.class_to_image([10], SamplingConfig())

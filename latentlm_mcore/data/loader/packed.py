@@ -9,7 +9,9 @@ one optimizer step (global batch B, a multiple of b·W) therefore consumes the s
 global batches the original layout would have drawn. Every rank lays out every sequence (that reads only
 token ids) but builds only its own: scaling latents, drawing σ-VAE samples and filling the tensors.
 
-Per document, from (seed, g): condition dropout, the direction of a pair (caption → image or image →
+Per document, from (seed, g): condition dropout (a caption-first pair's caption dropped; a class document's
+class token replaced by <NULL_CLASS>: DiT's label dropout), the flip of a class image pre-encoded with its
+mirror (schema), the direction of a pair (caption → image or image →
 caption), and the σ-VAE sample z = μ + σ·ε of each of its images (`latentlm_mcore.vae.sample_sigma_latents`,
 the draw σ-VAE training uses), so every layout and every resume sees the same z, as input and as diffusion
 target.
@@ -83,10 +85,26 @@ class DocumentReader(torch.utils.data.Dataset):
             tokens = _orient_pair(tokens, ids, image_first)  # image -> caption teaches captioning
             if dropped:
                 tokens = tokens[np.isin(tokens, [ids.bod, ids.eod, ids.latent, ids.end_of_document])]
-        doc = PackableDocument(index=g, source=sample["source"], tokens=tokens,
-                               latents=schema.decode_latents(sample["latents"], m.latent_dim), scaled=False)
+        latents = schema.decode_latents(sample["latents"], m.latent_dim)
+        if sample["source"] == "class":
+            tokens, latents = self._class_choices(g, tokens, latents)
+        doc = PackableDocument(index=g, source=sample["source"], tokens=tokens, latents=latents, scaled=False)
         doc.mark_runs(ids)
         return doc
+
+    def _class_choices(self, g: int, tokens: np.ndarray, latents: np.ndarray):
+        """Label dropout and the flip of the class document at global index g (its shape stays the same)."""
+        seed, ids = self.mixture.cfg.seed, self.mixture.ids
+        if _uniform(seed, 1, g) < self.condition_dropout:  # the key of caption dropout: the same decision
+            if ids.null_class is None:
+                raise ValueError(f"{self.mixture.cfg.dataset_root}: class documents, but the tokenizer has no "
+                                 f"<NULL_CLASS> for label dropout (preprocess them with --tokenizer classes:N)")
+            tokens = tokens.copy()
+            tokens[0] = ids.null_class
+        n = int(np.count_nonzero(tokens == ids.latent))
+        if len(latents) == 2 * n:  # preprocessed with --hflip: the image's latents, then its mirror's
+            latents = latents[n:] if _uniform(seed, 5, g) < 0.5 else latents[:n]
+        return tokens, latents
 
     def shape(self, g: int):
         """Document g's DocumentShape as `__getitem__` would give it, from the layout index without reading

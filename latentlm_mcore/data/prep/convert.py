@@ -9,6 +9,7 @@ img2dataset) and are found through a URL -> file map or by file name. Nothing is
 - webdataset:  tar shards of `<key>.{jpg,png,webp,...}` + `<key>.txt` or `<key>.json`   -> source "pair"
 - obelics:     OBELICS-style parquet: aligned lists `texts` / `images`                  -> "interleaved"
 - mmc4:        MMC4-style JSONL: `text_list` + `image_info` (matched_text_index)        -> "interleaved"
+- imagefolder: ImageNet-style tree `<root>/<class folder>/<image>` (+ optional class index) -> "class"
 """
 
 from __future__ import annotations
@@ -237,3 +238,69 @@ def convert_mmc4(jsonl_paths: list[str], image_root: str, skipped: Counter,
             doc = _interleaved(doc_id, items, skipped)
             if doc:
                 yield doc
+
+
+# ------------------------------------------------------------------------------ class-labelled images
+
+def load_class_index(path: str) -> dict[str, int]:
+    """Class folder name -> label from a JSON file: ImageNet's `imagenet_class_index.json`
+    ({"0": ["n01440764", "tench"], ...}) or a plain {"n01440764": 0, ...}. Raises ValueError naming the
+    entry that is neither, and on two folders with one label or one label twice."""
+    with open(path, encoding="utf-8") as f:
+        obj = json.load(f)
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path}: a class index is a non-empty JSON object")
+    out: dict[str, int] = {}
+    for key, value in obj.items():
+        if isinstance(value, list) and value and isinstance(value[0], str) and key.isdigit():
+            name, label = value[0], int(key)  # imagenet_class_index.json
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            name, label = key, value
+        else:
+            raise ValueError(f"{path}: entry {key!r}: {value!r} is neither [folder, ...] under a numeric key nor a "
+                             f"label >= 0 under a folder name")
+        if name in out:
+            raise ValueError(f"{path}: folder {name!r} has two labels ({out[name]} and {label})")
+        out[name] = label
+    labels = sorted(out.values())
+    twice = [a for a, b in zip(labels, labels[1:]) if a == b]
+    if twice:
+        raise ValueError(f"{path}: label {twice[0]} is given to more than one folder")
+    return out
+
+
+def convert_imagefolder(root: str, skipped: Counter, class_index: dict[str, int] | None = None,
+                        image_root: str | None = None) -> Iterator[dict]:
+    """One class document per image file of `root/<class folder>/`, labelled by the class index (default:
+    the sorted folder names -> 0..N-1). Paths are relative to `image_root` (default `root`), which must hold
+    `root`. Folders the index lacks, index classes without a folder, non-image and hidden files are counted
+    in `skipped`; symlinks are followed here, and preprocessing refuses any that leave the image root."""
+    root = os.path.abspath(root)
+    image_root = os.path.abspath(image_root or root)
+    if os.path.commonpath([image_root, root]) != image_root:
+        raise ValueError(f"imagefolder: {root} is not inside the image root {image_root}")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"imagefolder: {root} is not a folder")
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if class_index is None:
+        class_index = {name: label for label, name in enumerate(folders)}
+    for name in class_index:
+        if name not in folders:
+            skipped["class_without_folder"] += 1
+    for name in folders:
+        if name not in class_index:
+            skipped["folder_not_in_class_index"] += 1
+            continue
+        label, found = class_index[name], 0
+        for entry in sorted(os.scandir(os.path.join(root, name)), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_file():
+                skipped["not_an_image_file"] += not entry.name.startswith(".")
+                continue
+            if not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                skipped["not_an_image_file"] += 1
+                continue
+            found += 1
+            rel = os.path.relpath(os.path.join(root, name, entry.name), image_root)
+            yield {"id": f"{name}/{entry.name}", "source": "class", "label": label, "segments": [{"image": rel}]}
+        if not found:
+            skipped["class_folder_without_images"] += 1

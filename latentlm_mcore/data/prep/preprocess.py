@@ -42,7 +42,10 @@ class PreprocessConfig:
     output: str
     image_root: str
     vae_checkpoint: str
-    tokenizer: str = "cl100k_base"
+    tokenizer: str = "cl100k_base"  # class documents: "classes:N" (tokenizer.ClassVocabulary)
+    # Class documents: encode each image and its horizontal mirror (DiT's random flip; the loader picks one).
+    # Off where a flip changes the class (digits, text in images).
+    hflip: bool = False
     num_shards: int = 1  # Slurm array size
     shard_index: int = 0  # this task's index
     batch_images: int = 64  # images per σ-VAE forward
@@ -93,8 +96,18 @@ def load_image(path: str, image_root: str, image_size: int, max_pixels: int) -> 
 # ------------------------------------------------------------------------------------------ documents
 
 def document_tokens(doc: schema.RawDocument, tokenizer, num_latents: int) -> np.ndarray:
-    """Token ids of one document: text ids, <BOD> <LATENT>*num_latents <EOD> per image, <END_OF_DOCUMENT>."""
+    """Token ids of one document: text ids, <BOD> <LATENT>*num_latents <EOD> per image, <END_OF_DOCUMENT>;
+    a class document is `<class> <BOD> <LATENT>*num_latents <EOD> <END_OF_DOCUMENT>` (see schema)."""
     image_run = [tokenizer.bod_id] + [tokenizer.latent_id] * num_latents + [tokenizer.eod_id]
+    if doc.source == "class":
+        num_classes = getattr(tokenizer, "num_classes", None)
+        if num_classes is None:
+            raise ValueError(f"document {doc.id!r} is a class document, and tokenizer {tokenizer.name} has no class "
+                             f"ids: preprocess class data with --tokenizer classes:N")
+        if doc.label >= num_classes:
+            raise RejectedDocument(schema.LABEL_OUT_OF_RANGE, f"label {doc.label} is not one of the "
+                                                               f"{num_classes} classes of {tokenizer.name}")
+        return np.asarray([doc.label, *image_run, tokenizer.end_of_document_id], dtype=np.int32)
     texts = [s["text"] for s in doc.segments if "text" in s]
     encoded = iter(tokenizer.encode_batch(texts))
     ids: list[int] = []
@@ -212,9 +225,9 @@ def _write_part(cfg: PreprocessConfig) -> dict:
             lengths.append(len(tokens))
             runs.append(image_runs(tokens, tokenizer_ids))
             written[doc.source] += 1
-            images_written += len(ims)
+            images_written += len(doc.image_paths)  # a mirror is no image of its own
             tokens_written[doc.source] += len(tokens)
-            latents_written[doc.source] += len(doc_latents)
+            latents_written[doc.source] += int(np.count_nonzero(tokens == tokenizer.latent_id))
         pending.clear()
 
     def prepare(item):
@@ -223,8 +236,11 @@ def _write_part(cfg: PreprocessConfig) -> dict:
         doc = None
         try:
             doc = schema.parse_raw_line(line)
+            tokens = document_tokens(doc, tokenizer, vcfg.num_latents)  # first: a bad label costs no image read
             ims = [load_image(p, cfg.image_root, vcfg.image_size, cfg.max_image_pixels) for p in doc.image_paths]
-            return item, (doc, document_tokens(doc, tokenizer, vcfg.num_latents), ims)
+            if cfg.hflip and doc.source == "class":
+                ims.append(np.ascontiguousarray(ims[0][:, :, ::-1]))  # the mirror: second latent set (schema)
+            return item, (doc, tokens, ims)
         except RejectedDocument as e:
             e.doc_id = e.doc_id or (doc.id if doc else None)
             return item, e
@@ -271,6 +287,7 @@ def _write_part(cfg: PreprocessConfig) -> dict:
                 "c_sigma": vcfg.c_sigma},  # the loader draws z = μ + σ·ε with it
         "latent_dim": vcfg.latent_dim,
         "tokens_per_image": vcfg.num_latents,
+        "hflip": cfg.hflip,  # class documents hold their image's and its mirror's latents
         "vae_latent_stats": None if stats is None else stats.to_dict(),
         "latent_moments": moments.to_dict(),
         "documents_written": dict(written),
@@ -331,8 +348,8 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
         raise FileNotFoundError(f"{len(missing)} parts unfinished in {output}: {', '.join(missing[:8])}")
     first = parts[0]
     for p in parts[1:]:
-        for key in ("tokenizer", "vae"):
-            if p[key] != first[key]:
+        for key in ("tokenizer", "vae", "hflip"):
+            if p.get(key, False) != first.get(key, False):
                 raise ValueError(f"{p['part']} has a different {key} than {first['part']}")
 
     sources = {}
@@ -381,6 +398,7 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
         "vae": first["vae"],
         "latent_dim": first["latent_dim"],
         "tokens_per_image": first["tokens_per_image"],
+        "hflip": first.get("hflip", False),
         "latent_stats": latent_stats,
         "sources": sources,
         "documents_written": total("documents_written"),
