@@ -45,8 +45,17 @@ IMAGE_OUTSIDE_ROOT = "image_outside_root"
 IMAGE_UNREADABLE = "image_unreadable"
 IMAGE_TRUNCATED = "image_truncated"
 IMAGE_TOO_LARGE = "image_too_large"
+# Speech (data/prep/audio.py): file absent; not audio, corrupt or a segment outside the file; sampled below
+# 8 kHz; longer than the limit; silence (RMS < -80 dBFS); clipped (> 1% of samples at full scale).
+AUDIO_MISSING = "audio_missing"
+AUDIO_UNREADABLE = "audio_unreadable"
+AUDIO_WRONG_RATE = "audio_wrong_rate"
+AUDIO_TOO_LONG = "audio_too_long"
+AUDIO_SILENT = "audio_silent"
+AUDIO_CLIPPED = "audio_clipped"
 REJECT_REASONS = (INVALID_JSON, INVALID_SCHEMA, EMPTY_DOCUMENT, DUPLICATE_ID, IMAGE_MISSING,
-                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE)
+                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE,
+                  AUDIO_MISSING, AUDIO_UNREADABLE, AUDIO_WRONG_RATE, AUDIO_TOO_LONG, AUDIO_SILENT, AUDIO_CLIPPED)
 
 
 @dataclass

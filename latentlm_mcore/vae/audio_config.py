@@ -61,8 +61,9 @@ class AudioVAEConfig:
 
 AUDIO_VAE_PRESETS = {
     # Paper Table 5 rows: 15 / 7.5 / 3.75 Hz at 24 kHz, latent dim 32 / 64 / 128. The paper gives no block
-    # count or C_σ; 3 blocks per stage puts the encoder near its "around 120 million parameters" at 1024
-    # channels, C_σ and β are the image σ-VAE's defaults.
+    # count per stage or C_σ. Deviation: 3 blocks per stage give an encoder of 18.6M parameters (decoder 23.8M
+    # at 15 Hz), not the paper's "around 120 million"; its block counts are unpublished. C_σ and β are the
+    # image σ-VAE's defaults.
     "15hz": AudioVAEConfig(sample_rate=24000, strides=(2, 4, 5, 5, 8), latent_dim=32, blocks_per_stage=3),
     "7.5hz": AudioVAEConfig(sample_rate=24000, strides=(4, 4, 5, 5, 8), latent_dim=64, blocks_per_stage=3),
     "3.75hz": AudioVAEConfig(sample_rate=24000, strides=(4, 5, 5, 8, 8), latent_dim=128, blocks_per_stage=3),
