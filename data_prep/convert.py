@@ -4,6 +4,8 @@
     python data_prep/convert.py webdataset --input 'pairs/{00000..00099}.tar' --image-root images --output pairs.jsonl
     python data_prep/convert.py obelics    --input 'obelics/*.parquet' --image-root images [--url-map urls.jsonl] --output obelics.jsonl
     python data_prep/convert.py mmc4       --input 'mmc4/*.jsonl' --image-root images [--url-map urls.jsonl] --output mmc4.jsonl
+    python data_prep/convert.py librispeech --input LibriSpeech/train-clean-100 --output speech.jsonl
+    python data_prep/convert.py libriheavy  --input 'libriheavy/*.jsonl' --output speech.jsonl
 
 Nothing is downloaded: images inside the input are written under --image-root, images given by URL must
 already be there (--url-map: JSONL lines {"url": ..., "path": path relative to the image root}).
@@ -20,14 +22,14 @@ from latentlm_mcore.data.prep import convert
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("format", choices=("text", "webdataset", "obelics", "mmc4"))
+    p.add_argument("format", choices=("text", "webdataset", "obelics", "mmc4", "librispeech", "libriheavy"))
     p.add_argument("--input", nargs="+", required=True, help="files or globs")
     p.add_argument("--output", required=True, help="raw JSONL to write")
     p.add_argument("--image-root", help="where images live / are extracted to (not for text)")
     p.add_argument("--url-map", help="obelics/mmc4: JSONL of {url, path} for images downloaded beforehand")
     args = p.parse_args(argv)
     paths = sorted({f for pattern in args.input for f in (glob.glob(pattern) or [pattern])})
-    if args.format != "text" and not args.image_root:
+    if args.format in ("webdataset", "obelics", "mmc4") and not args.image_root:
         p.error(f"{args.format} needs --image-root")
 
     skipped = Counter()
@@ -35,6 +37,10 @@ def main(argv=None):
         docs = convert.convert_text(paths, skipped)
     elif args.format == "webdataset":
         docs = convert.convert_webdataset(paths, args.image_root, skipped)
+    elif args.format == "librispeech":
+        docs = convert.convert_librispeech(paths, skipped)
+    elif args.format == "libriheavy":
+        docs = convert.convert_libriheavy(paths, skipped)
     elif args.format == "obelics":
         docs = convert.convert_obelics(paths, args.image_root, skipped, convert.load_url_map(args.url_map))
     else:

@@ -32,6 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 SOURCES = ("text", "pair", "interleaved")
+# Raw JSONL of speech (data_prep/convert.py librispeech|libriheavy): segments {"text": str} then
+# {"audio": path, "start": s, "end": e} (seconds, path relative to the audio root), plus "speaker". Not yet in
+# SOURCES: preprocessing does not encode audio yet (issue 13 item 2, next session).
+SPEECH_SOURCE = "speech"
 MDS_COLUMNS = {"tokens": "ndarray:int32", "latents": "bytes", "doc_id": "str", "source": "str"}
 MANIFEST_NAME = "manifest.json"
 
