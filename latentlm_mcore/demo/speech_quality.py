@@ -1,4 +1,5 @@
-"""The judge of the spoken-digits demo: pocketsphinx (CMU's US-English acoustic model, shipped in the wheel)
+"""The judge of the spoken-digits demo. Speaker similarity: Resemblyzer's GE2E speaker encoder (ships its
+weights), cosine of utterance embeddings. Recognition: pocketsphinx (CMU's US-English acoustic model, shipped in the wheel)
 restricted by a JSGF grammar to sequences of the ten digit words. No one here trained it, so its accuracy on
 generated or reconstructed speech is an outside opinion; its accuracy on the real espeak-ng speech is the
 ceiling those figures are read against."""
@@ -59,6 +60,22 @@ def _edit_distance(a, b) -> int:
 
 
 assert SAMPLE_RATE == 16000  # pocketsphinx's en-us model is a 16 kHz model
+
+
+class SpeakerSimilarity:
+    """Cosine similarity of Resemblyzer utterance embeddings (unit vectors) of two 16 kHz waveforms."""
+
+    def __init__(self):
+        from resemblyzer import VoiceEncoder
+        self.encoder = VoiceEncoder(device="cpu", verbose=False)
+
+    def embed(self, wav) -> np.ndarray:
+        from resemblyzer import preprocess_wav
+        wav = wav.detach().cpu().float().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav, np.float32)
+        return self.encoder.embed_utterance(preprocess_wav(wav, source_sr=SAMPLE_RATE))
+
+    def __call__(self, a, b) -> float:
+        return float(np.dot(self.embed(a), self.embed(b)))
 
 
 def corpus_accuracy(corpus_dir: str, split: str, recognizer: DigitRecognizer | None = None) -> dict:

@@ -23,3 +23,17 @@ def test_recognizer_hears_espeak_digits_and_not_noise(tmp_path):
     # white noise is not a digit sequence: the grammar-bound decoder cannot reproduce the reference
     noise = recognizer_accuracy([(0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(0)), "three nine")], rec)
     assert noise["utterance_accuracy"] == 0.0
+
+
+def test_speaker_similarity_same_voice_above_different_voice(tmp_path):
+    from latentlm_mcore.demo.speech_quality import SpeakerSimilarity
+    sim = SpeakerSimilarity()
+
+    def say(text, voice):
+        speak(text, voice, 175, str(tmp_path / "s.wav"))
+        return torch.from_numpy(sf.read(tmp_path / "s.wav", dtype="float32")[0])
+
+    a, b = say("three nine one five", "en-us"), say("eight two seven six", "en-us")
+    c = say("eight two seven six", "en-us+f3")
+    assert abs(sim(a, a) - 1.0) < 1e-5
+    assert sim(a, b) > sim(a, c)
