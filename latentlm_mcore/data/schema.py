@@ -42,6 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 
 SOURCES = ("text", "pair", "interleaved", "class")
+# Raw JSONL of speech (data_prep/convert.py librispeech|libriheavy): segments {"text": str} then
+# {"audio": path, "start": s, "end": e} (seconds, path relative to the audio root), plus "speaker". Not yet in
+# SOURCES: preprocessing does not encode audio yet (issue 13 item 2, next session).
+SPEECH_SOURCE = "speech"
 MDS_COLUMNS = {"tokens": "ndarray:int32", "latents": "bytes", "doc_id": "str", "source": "str"}
 MANIFEST_NAME = "manifest.json"
 
@@ -56,8 +60,17 @@ IMAGE_UNREADABLE = "image_unreadable"
 IMAGE_TRUNCATED = "image_truncated"
 IMAGE_TOO_LARGE = "image_too_large"
 LABEL_OUT_OF_RANGE = "label_out_of_range"  # a class document's label the class vocabulary has no id for
+# Speech (data/prep/audio.py): file absent; not audio, corrupt or a segment outside the file; sampled below
+# 8 kHz; longer than the limit; silence (RMS < -80 dBFS); clipped (> 1% of samples at full scale).
+AUDIO_MISSING = "audio_missing"
+AUDIO_UNREADABLE = "audio_unreadable"
+AUDIO_WRONG_RATE = "audio_wrong_rate"
+AUDIO_TOO_LONG = "audio_too_long"
+AUDIO_SILENT = "audio_silent"
+AUDIO_CLIPPED = "audio_clipped"
 REJECT_REASONS = (INVALID_JSON, INVALID_SCHEMA, EMPTY_DOCUMENT, DUPLICATE_ID, IMAGE_MISSING,
-                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE, LABEL_OUT_OF_RANGE)
+                  IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE, LABEL_OUT_OF_RANGE,
+                  AUDIO_MISSING, AUDIO_UNREADABLE, AUDIO_WRONG_RATE, AUDIO_TOO_LONG, AUDIO_SILENT, AUDIO_CLIPPED)
 
 
 @dataclass

@@ -10,6 +10,8 @@ img2dataset) and are found through a URL -> file map or by file name. Nothing is
 - obelics:     OBELICS-style parquet: aligned lists `texts` / `images`                  -> "interleaved"
 - mmc4:        MMC4-style JSONL: `text_list` + `image_info` (matched_text_index)        -> "interleaved"
 - imagefolder: ImageNet-style tree `<root>/<class folder>/<image>` (+ optional class index) -> "class"
+- librispeech: LibriSpeech (`*.trans.txt` + `<id>.flac`) / LibriTTS (`<id>.normalized.txt` + `<id>.wav`) -> "speech"
+- libriheavy:  Libriheavy / lhotse cut JSONL, or flat {audio, start, end, text, speaker} -> "speech"
 """
 
 from __future__ import annotations
@@ -304,3 +306,91 @@ def convert_imagefolder(root: str, skipped: Counter, class_index: dict[str, int]
             yield {"id": f"{name}/{entry.name}", "source": "class", "label": label, "segments": [{"image": rel}]}
         if not found:
             skipped["class_folder_without_images"] += 1
+
+
+# --------------------------------------------------------------------------------------------- speech
+
+AUDIO_EXTENSIONS = (".flac", ".wav")
+
+
+def _speech_doc(doc_id: str, text: str, audio: str, start: float, end: float, speaker: str) -> dict:
+    return {"id": doc_id, "source": "speech", "speaker": speaker,
+            "segments": [{"text": text}, {"audio": audio, "start": round(float(start), 4), "end": round(float(end), 4)}]}
+
+
+def _duration(path: str) -> float | None:
+    import soundfile as sf
+    try:
+        info = sf.info(path)
+    except Exception:
+        return None
+    return info.frames / info.samplerate
+
+
+def convert_librispeech(roots: list[str], skipped: Counter) -> Iterator[dict]:
+    """Walk each root for LibriSpeech transcripts (`<spk>-<chap>.trans.txt`: lines `<id> <TEXT>`, audio
+    `<id>.flac` beside it) and LibriTTS ones (`<id>.normalized.txt`, audio `<id>.wav`). Audio paths are
+    relative to the root they were found under (the audio root preprocessing is given); the speaker is the
+    id's first field. Utterances whose audio is missing or unreadable are skipped by reason."""
+    from latentlm_mcore.data import schema
+    for root in roots:
+        for folder, _, files in sorted(os.walk(root)):
+            pairs = []
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                if name.endswith(".trans.txt"):
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        for line in f:
+                            uid, _, text = line.strip().partition(" ")
+                            if uid:
+                                pairs.append((uid, text.strip(), uid + ".flac"))
+                elif name.endswith(".normalized.txt"):
+                    uid = name[: -len(".normalized.txt")]
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        pairs.append((uid, f.read().strip(), uid + ".wav"))
+            for uid, text, audio_name in pairs:
+                audio = os.path.join(folder, audio_name)
+                if not text:
+                    skipped[schema.EMPTY_DOCUMENT] += 1
+                    continue
+                if not os.path.isfile(audio):
+                    skipped[schema.AUDIO_MISSING] += 1
+                    continue
+                seconds = _duration(audio)
+                if seconds is None:
+                    skipped[schema.AUDIO_UNREADABLE] += 1
+                    continue
+                yield _speech_doc(uid, text, os.path.relpath(audio, root), 0.0, seconds, uid.split("-")[0].split("_")[0])
+
+
+def convert_libriheavy(paths: list[str], skipped: Counter) -> Iterator[dict]:
+    """Libriheavy manifests: lhotse cuts ({"id", "start", "duration", "recording": {"sources": [{"source"}]},
+    "supervisions": [{"text" or "custom": {"texts": [...]}, "speaker"}]}) or flat lines {"id", "audio",
+    "start", "end", "text", "speaker"}. Audio paths are kept as written (relative to the audio root); they
+    are decoded and checked in preprocessing (data/prep/audio.py)."""
+    from latentlm_mcore.data import schema
+    for path in paths:
+        for lineno, line in _json_lines(path):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                skipped[schema.INVALID_JSON] += 1
+                continue
+            try:
+                if "recording" in obj:
+                    sup = obj["supervisions"][0]
+                    text = sup.get("text") or (sup.get("custom") or {}).get("texts", [""])[0]
+                    audio = obj["recording"]["sources"][0]["source"]
+                    start, end = float(obj["start"]), float(obj["start"]) + float(obj["duration"])
+                    speaker = str(sup.get("speaker", ""))
+                else:
+                    text, audio = obj["text"], obj["audio"]
+                    start, end, speaker = float(obj["start"]), float(obj["end"]), str(obj.get("speaker", ""))
+                doc_id = str(obj.get("id") or f"{os.path.basename(path)}:{lineno}")
+            except (KeyError, IndexError, TypeError, ValueError):
+                skipped[schema.INVALID_SCHEMA] += 1
+                continue
+            if not isinstance(text, str) or not text.strip() or not isinstance(audio, str) or not end > start >= 0:
+                skipped[schema.INVALID_SCHEMA] += 1
+                continue
+            yield _speech_doc(doc_id, text.strip(), audio, start, end, speaker)

@@ -1,0 +1,49 @@
+import json
+from collections import Counter
+
+import numpy as np
+import soundfile as sf
+
+from latentlm_mcore.data import schema
+from latentlm_mcore.data.prep.convert import convert_libriheavy, convert_librispeech
+
+
+def _wav(path, seconds=0.5, rate=16000):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, (0.3 * np.sin(np.arange(int(seconds * rate)) * 0.05)).astype(np.float32), rate)
+
+
+def test_librispeech_and_libritts_layouts(tmp_path):
+    chap = tmp_path / "train" / "19" / "198"
+    _wav(chap / "19-198-0000.flac", 0.5)
+    _wav(chap / "19-198-0001.flac", 1.0)
+    (chap / "19-198-0002.flac").write_text("not audio")
+    (chap / "19-198.trans.txt").write_text("19-198-0000 HELLO WORLD\n19-198-0001 SEVEN\n"
+                                           "19-198-0002 BROKEN\n19-198-0003 MISSING FILE\n")
+    tts = tmp_path / "train" / "84" / "121"
+    _wav(tts / "84_121_000001_000000.wav", 0.25)
+    (tts / "84_121_000001_000000.normalized.txt").write_text("A normalized sentence.")
+    skipped = Counter()
+    docs = list(convert_librispeech([str(tmp_path / "train")], skipped))
+    assert [d["id"] for d in docs] == ["19-198-0000", "19-198-0001", "84_121_000001_000000"]
+    assert docs[0] == {"id": "19-198-0000", "source": schema.SPEECH_SOURCE, "speaker": "19",
+                       "segments": [{"text": "HELLO WORLD"},
+                                    {"audio": "19/198/19-198-0000.flac", "start": 0.0, "end": 0.5}]}
+    assert docs[2]["speaker"] == "84" and docs[2]["segments"][1]["end"] == 0.25
+    assert skipped == Counter({schema.AUDIO_UNREADABLE: 1, schema.AUDIO_MISSING: 1})
+
+
+def test_libriheavy_cuts_and_flat_lines(tmp_path):
+    cut = {"id": "small/100/sea_fairies/0001", "start": 12.5, "duration": 3.25,
+           "recording": {"id": "r", "sources": [{"type": "file", "source": "download/100/sea_fairies.flac"}]},
+           "supervisions": [{"id": "s", "speaker": "100", "custom": {"texts": ["The sea, Trot.", "THE SEA TROT"]}}]}
+    flat = {"id": "u2", "audio": "a/b.flac", "start": 0, "end": 2.0, "text": "seven two", "speaker": "7"}
+    bad = {"id": "u3", "audio": "a/c.flac", "start": 3.0, "end": 1.0, "text": "backwards", "speaker": "7"}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([json.dumps(cut), json.dumps(flat), json.dumps(bad), "{not json", '{"id": 1}']) + "\n")
+    skipped = Counter()
+    docs = list(convert_libriheavy([str(manifest)], skipped))
+    assert docs[0]["segments"] == [{"text": "The sea, Trot."},
+                                   {"audio": "download/100/sea_fairies.flac", "start": 12.5, "end": 15.75}]
+    assert docs[0]["speaker"] == "100" and docs[1]["segments"][1] == {"audio": "a/b.flac", "start": 0.0, "end": 2.0}
+    assert skipped == Counter({schema.INVALID_SCHEMA: 2, schema.INVALID_JSON: 1})
