@@ -13,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentlm_mcore.runtime.files import atomic_torch_save
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.stats import LatentStats
 
@@ -155,6 +154,9 @@ def save_sigma_vae(path, vae: SigmaVAE, latent_stats: LatentStats | None = None)
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         "latent_stats": stats.to_dict() if stats is not None else None,
     }
+    # imported here: an exported HF folder ships this file, and this function needs the installed package
+    from latentlm_mcore.runtime.files import atomic_torch_save
+
     atomic_torch_save(payload, path)
 
 
