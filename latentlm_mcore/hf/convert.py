@@ -93,9 +93,7 @@ def hf_config(cfg: ModelConfig, special: dict | None, latents_per_image: int | N
 
 
 # ---------------------------------------------------------------- remote code, tokenizer, σ-VAE
-# Module-level imports only: an import inside a function stays absolute and runs only where latentlm_mcore is
-# installed (an exported folder loads without it; only saving a σ-VAE needs the package).
-_IMPORT = re.compile(r"^(from\s+)(latentlm_mcore(?:\.\w+)*)(\s+import\b)", re.MULTILINE)
+_IMPORT = re.compile(r"^(\s*from\s+)(latentlm_mcore(?:\.\w+)*)(\s+import\b)", re.MULTILINE)
 
 
 def remote_code_source(module: str) -> str:
@@ -111,7 +109,7 @@ def remote_code_source(module: str) -> str:
         return f"{match.group(1)}.{REMOTE_CODE[target][:-3]}{match.group(3)}"
 
     source = _IMPORT.sub(relative, source)
-    leftover = re.search(r"^(from|import)\s+latentlm_mcore\b.*$", source, re.MULTILINE)
+    leftover = re.search(r"^\s*(from|import)\s+latentlm_mcore\b.*$", source, re.MULTILINE)
     if leftover:
         raise RuntimeError(f"{path}: import not expressible in the export: {leftover.group(0).strip()!r}")
     return source

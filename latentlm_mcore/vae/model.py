@@ -154,10 +154,11 @@ def save_sigma_vae(path, vae: SigmaVAE, latent_stats: LatentStats | None = None)
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         "latent_stats": stats.to_dict() if stats is not None else None,
     }
-    # imported here: an exported HF folder ships this file, and this function needs the installed package
-    from latentlm_mcore.runtime.files import atomic_torch_save
-
-    atomic_torch_save(payload, path)
+    # Not runtime/files.atomic_torch_save: an exported HF folder ships this file alone, self-contained.
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
 def load_sigma_vae(path, map_location="cpu") -> SigmaVAE:
