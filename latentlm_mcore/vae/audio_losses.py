@@ -63,6 +63,17 @@ class MultiResolutionMelLoss(nn.Module):
         return sum(F.l1_loss(self.log_mel(recon, w), self.log_mel(wav, w)) for w in self.windows)
 
 
+def _conv_stack(convs, post, x):
+    """A discriminator's convolutions (leaky ReLU 0.1 after each) and its output conv: (logits, feature maps)."""
+    feats = []
+    for conv in convs:
+        x = F.leaky_relu(conv(x), 0.1)
+        feats.append(x)
+    x = post(x)
+    feats.append(x)
+    return x.flatten(1), feats
+
+
 class PeriodDiscriminator(nn.Module):
     """HiFi-GAN's sub-discriminator: the waveform folded into [T / p, p] and 2-D convs along time."""
 
@@ -81,13 +92,7 @@ class PeriodDiscriminator(nn.Module):
         b, t = wav.shape
         x = F.pad(wav, (0, -t % self.period), mode="reflect" if t > self.period else "constant")
         x = x.view(b, 1, -1, self.period)
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.post(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _conv_stack(self.convs, self.post, x)
 
 
 class ComplexSTFTDiscriminator(nn.Module):
@@ -111,13 +116,7 @@ class ComplexSTFTDiscriminator(nn.Module):
         spec = torch.stft(wav.float(), self.window, hop_length=self.window // 4, window=self.hann,
                           center=True, return_complex=True)  # [B, F, T]
         x = torch.view_as_real(spec).permute(0, 3, 2, 1)  # [B, 2, T, F]
-        feats = []
-        for conv in self.convs:
-            x = F.leaky_relu(conv(x), 0.1)
-            feats.append(x)
-        x = self.post(x)
-        feats.append(x)
-        return x.flatten(1), feats
+        return _conv_stack(self.convs, self.post, x)
 
 
 class AudioDiscriminator(nn.Module):

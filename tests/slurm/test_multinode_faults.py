@@ -9,15 +9,7 @@ import time
 import pytest
 
 from tests.slurm.test_multinode import STEPS, losses, run_job, sh, submit
-
-
-def wait(condition, what: str, log, timeout=600):
-    end = time.time() + timeout
-    while time.time() < end:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; job output:\n{log.read_text()[-4000:] if log.exists() else ''}")
+from tests.slurm.test_pretrain_launcher import wait
 
 
 def trained(save) -> int:
