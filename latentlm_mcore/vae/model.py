@@ -156,6 +156,7 @@ def save_sigma_vae(path, vae: SigmaVAE, latent_stats: LatentStats | None = None)
     }
     # Not runtime/files.atomic_torch_save: an exported HF folder ships this file alone, self-contained.
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one

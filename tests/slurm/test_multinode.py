@@ -20,7 +20,7 @@ def sh(env, *cmd) -> str:
 
 def losses(save: Path) -> list[tuple[int, float, float]]:
     with open(save / "metrics.jsonl") as f:
-        return [(r["iteration"], r["lm loss"], r["diffusion loss"]) for r in map(json.loads, f) if r["split"] == "train"]
+        return [(r["iteration"], r["lm_loss"], r["diffusion_loss"]) for r in map(json.loads, f) if r["split"] == "train"]
 
 
 def submit(cluster, data, tmp_path, name, nodes, tasks_per_node, sbatch_args=()) -> tuple[dict, str, Path, Path]:
