@@ -9,12 +9,18 @@ stride x channels followed by a sub-pixel reshuffle rather than a transposed con
 would need the next latent before a frame is final.
 """
 
+import os
+from dataclasses import asdict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from latentlm_mcore.vae.audio_config import AudioVAEConfig
 from latentlm_mcore.vae.model import sample_sigma_latents
+from latentlm_mcore.vae.stats import LatentStats, stats_from_moments
+
+AUDIO_VAE_KIND = "audio"  # the export file's "kind"; image σ-VAE files (vae/model.py) carry none
 
 
 class StreamCache(dict):
@@ -119,6 +125,7 @@ class AudioSigmaVAE(nn.Module):
         self.config = config
         self.encoder = AudioEncoder(config)
         self.decoder = AudioDecoder(config)
+        self.latent_stats: LatentStats | None = None  # set by load_audio_vae / the trainer's export
 
     def _param(self):
         return next(self.parameters())
@@ -131,6 +138,22 @@ class AudioSigmaVAE(nn.Module):
                              f"hop_length {hop}, got {tuple(wav.shape)}; pad with `pad_to_hop`")
         p = self._param()
         return self.encoder(wav.to(device=p.device, dtype=p.dtype).unsqueeze(1))
+
+    @torch.no_grad()
+    def encode_scaled(self, wav: torch.Tensor) -> torch.Tensor:
+        """What preprocessing stores: wav [B, T] (any T; right-padded to a multiple of hop_length) ->
+        latents [B, ceil(T / hop), latent_dim] scaled by `latent_stats` (unit scale for the language model)."""
+        if self.latent_stats is None:
+            raise ValueError("AudioSigmaVAE.encode_scaled needs latent_stats: load the model with load_audio_vae "
+                             "from a file the trainer exported")
+        return self.latent_stats.scale(self.encode(pad_to_hop(wav, self.config.hop_length)).float())
+
+    @torch.no_grad()
+    def decode_scaled(self, z: torch.Tensor, cache: "StreamCache | None" = None) -> torch.Tensor:
+        """Inverse of `encode_scaled` for generation: scaled latents [B, n, latent_dim] -> wav [B, n · hop]."""
+        if self.latent_stats is None:
+            raise ValueError("AudioSigmaVAE.decode_scaled needs latent_stats (see encode_scaled)")
+        return self.decode(self.latent_stats.unscale(z.float()), cache)
 
     def decode(self, z: torch.Tensor, cache: StreamCache | None = None) -> torch.Tensor:
         """z [B, n, latent_dim] -> wav [B, n · hop_length]. With a `StreamCache`, successive calls continue
@@ -149,3 +172,67 @@ class AudioSigmaVAE(nn.Module):
 def pad_to_hop(wav: torch.Tensor, hop_length: int) -> torch.Tensor:
     """Right-pad [..., T] with zeros to the next multiple of hop_length."""
     return F.pad(wav, (0, -wav.shape[-1] % hop_length))
+
+
+def save_audio_vae(path, vae: AudioSigmaVAE, latent_stats: LatentStats | None = None) -> None:
+    """Write the exported audio σ-VAE as one torch file, atomically: kind, config (sample rate, strides, ...),
+    sample_rate, hop_length and frame_rate at the top level for readers that only need those, weights, and
+    the latent statistics."""
+    vae = getattr(vae, "module", vae)  # accept a DDP-wrapped model
+    stats = latent_stats if latent_stats is not None else vae.latent_stats
+    cfg = vae.config
+    payload = {
+        "kind": AUDIO_VAE_KIND,
+        "config": asdict(cfg),
+        "sample_rate": cfg.sample_rate,
+        "hop_length": cfg.hop_length,
+        "frame_rate": cfg.frame_rate,
+        "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
+        "latent_stats": stats.to_dict() if stats is not None else None,
+    }
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def load_audio_vae(path, map_location="cpu") -> AudioSigmaVAE:
+    """Load a file written by `save_audio_vae`; the model is in eval mode with `.latent_stats` set."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio σ-VAE file not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"audio σ-VAE file {path} is not a readable torch file: {e}") from e
+    if not isinstance(payload, dict) or payload.get("kind") != AUDIO_VAE_KIND:
+        found = payload.get("kind", "none (an image σ-VAE or a trainer checkpoint?)") \
+            if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not an exported audio σ-VAE: its kind is {found}, expected "
+                         f"{AUDIO_VAE_KIND!r} (the trainer's audio_vae.pt)")
+    vae = AudioSigmaVAE(AudioVAEConfig.from_dict(payload["config"]))
+    try:
+        vae.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"audio σ-VAE file {path} does not match its own config: {e}") from e
+    stats = payload.get("latent_stats")
+    vae.latent_stats = LatentStats.from_dict(stats) if stats is not None else None
+    return vae.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+@torch.no_grad()
+def compute_audio_latent_stats(vae: AudioSigmaVAE, waveforms, normalisation: str = "global") -> LatentStats:
+    """Statistics of the σ-VAE samples' latents (every frame) over an iterable of waveform batches [B, T]
+    (T a multiple of hop_length), as vae/stats.py's compute_latent_stats does for images."""
+    vae = getattr(vae, "module", vae)
+    was_training = vae.training
+    vae.eval()
+    count, total, total_sq = 0, 0.0, 0.0
+    for wav in waveforms:
+        mu = vae.encode(wav).double().reshape(-1, vae.config.latent_dim)
+        total, total_sq, count = total + mu.sum(0), total_sq + (mu * mu).sum(0), count + mu.shape[0]
+    vae.train(was_training)
+    if count < 2:
+        raise ValueError("compute_audio_latent_stats needs at least two latent frames")
+    return stats_from_moments(count, total.cpu().numpy(), total_sq.cpu().numpy(), vae.config.c_sigma, normalisation)
