@@ -31,7 +31,8 @@ install_warning_filters()  # known-benign library warnings once or not at all (L
 from latentlm_mcore.runtime.cli import add_config_arguments, apply_overrides, config_overrides  # noqa: E402
 from latentlm_mcore.runtime.ranks import rank_and_world_from_env  # noqa: E402
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS, SigmaVAEConfig  # noqa: E402
-from latentlm_mcore.vae.trainer import TRAIN_PRESETS, SigmaVAETrainer, TrainConfig  # noqa: E402
+from latentlm_mcore.vae.image_trainer import SigmaVAETrainer  # noqa: E402
+from latentlm_mcore.vae.trainer import TRAIN_PRESETS, TrainConfig  # noqa: E402
 
 
 def parse_args(argv=None):

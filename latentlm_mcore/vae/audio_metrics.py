@@ -6,6 +6,8 @@ SSL model whose weights are downloaded from Hugging Face) and WavLM-TDNN speaker
 checkpoint, downloaded). Speaker similarity here is Resemblyzer's (ships its weights), see demo/speech_quality.
 """
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -32,8 +34,10 @@ def pesq_wb(recon: torch.Tensor, ref: torch.Tensor, sample_rate: int) -> float:
 def stoi(recon: torch.Tensor, ref: torch.Tensor, sample_rate: int) -> float:
     """Short-time objective intelligibility (0 .. 1); pystoi resamples to its 10 kHz internally."""
     from pystoi import stoi as _stoi
-    return float(_stoi(ref.float().numpy().astype(np.float64), recon.float().numpy().astype(np.float64),
-                       sample_rate, extended=False))
+    with warnings.catch_warnings():  # "not enough STFT frames": it then returns 1e-5, which is the figure we report
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(_stoi(ref.float().numpy().astype(np.float64), recon.float().numpy().astype(np.float64),
+                           sample_rate, extended=False))
 
 
 def tokenizer_metrics(recon: torch.Tensor, ref: torch.Tensor, sample_rate: int) -> dict:

@@ -9,7 +9,8 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from latentlm_mcore.vae import SIGMA_VAE_PRESETS
-from latentlm_mcore.vae.trainer import SigmaVAETrainer, TrainConfig
+from latentlm_mcore.vae.image_trainer import SigmaVAETrainer
+from latentlm_mcore.vae.trainer import TrainConfig
 
 TRAIN_STEPS = 300
 

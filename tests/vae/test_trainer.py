@@ -17,7 +17,8 @@ from latentlm_mcore.vae import SIGMA_VAE_PRESETS, load_sigma_vae
 from latentlm_mcore.vae.data import ImageDataset, list_images
 from latentlm_mcore.vae.model import sample_sigma_latents
 from latentlm_mcore.vae.losses import _vgg16_features
-from latentlm_mcore.vae.trainer import SigmaVAETrainer, TrainConfig, VAETrainer, psnr
+from latentlm_mcore.vae.image_trainer import SigmaVAETrainer, psnr
+from latentlm_mcore.vae.trainer import TrainConfig, VAETrainer
 from tests.vae.conftest import TRAIN_STEPS, tiny_train_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
