@@ -23,6 +23,7 @@ import logging
 import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -62,7 +63,7 @@ class AudioTrainConfig:
     clip_grad: float = 1.0
     mel_weight: float = 15.0  # DAC's loss weights
     gan_start_step: int = -1  # step at which the discriminators switch on; -1: never
-    gan_loss: str = "hinge"  # or "lsgan"
+    gan_loss: Literal["hinge", "lsgan"] = "hinge"
     adversarial_weight: float = 1.0
     feature_matching_weight: float = 2.0
     disc_channels: int = 32  # period discriminator widths c, 4c, 16c, 32c, 32c (32: HiFi-GAN's); STFT ones c
