@@ -1,18 +1,16 @@
 """The EMA of the weights (training/ema.py): the update against a hand-computed EMA of the parameters, the
 checkpoint round trip in one process, exact resume with the EMA on at TP=2 (stop at step k, resume, the EMA at
-step N equals the uninterrupted run's bit for bit), and the TP=2 checkpoint's EMA loaded at TP=1 (trainer
-resume and the inference loader) equal to what was saved."""
-import copy
-
+step N equals the uninterrupted run's bit for bit), and the TP=2 checkpoint's EMA loaded at TP=1 by the trainer
+equal to what was saved (the inference loader's: tests/hf/test_export_ema.py)."""
 import pytest
 import torch
 
 from latentlm_mcore.config import LatentLMConfig, ModelConfig, RunConfig, TrainConfig
-from tests.conftest import REPO, run_torchrun
+from tests.conftest import EMA_DECAY, EMA_STEPS, REPO, ema_run_args, run_torchrun
 from tests.training.test_resume import checkpoint_tensors
 
 PRETRAIN = REPO / "pretrain" / "pretrain_latentlm.py"
-DECAY = 0.8  # far from 1, so that a few steps move the EMA visibly away from its start and from the weights
+DECAY = EMA_DECAY
 
 
 def tiny_config(ema_decay=DECAY) -> LatentLMConfig:
@@ -105,29 +103,15 @@ def test_presets_keep_an_ema_for_class_conditional_images_only():
 
 
 # ---------------------------------------------------------------- TP=2 under torchrun
-STEPS = 6
+STEPS = EMA_STEPS
 
 
-def args(dataset, save, *extra, tp=2):
-    return ["--preset", "tiny", "--data", str(dataset), "--save", str(save), "--train.train-steps", STEPS,
-            "--train.warmup-steps", 2, "--train.global-batch-size", 4, "--train.micro-batch-size", 2,
-            "--train.ema-decay", DECAY, "--parallel.tensor-parallel", tp, "--log-interval", 1,
-            "--save-interval", 100, "--keep-last", 10, "--num-workers", 0, "--tensorboard", "false", *extra]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_dataset, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ema_uninterrupted")
-    run_torchrun(PRETRAIN, 2, args(tiny_dataset, tmp / "ckpt"), tmp)
-    return tmp / "ckpt"
-
-
-def test_exact_resume_with_ema_at_tp2(tiny_dataset, uninterrupted, tmp_path):
+def test_exact_resume_with_ema_at_tp2(tiny_dataset, ema_run, tmp_path):
     save = tmp_path / "ckpt"
-    run_torchrun(PRETRAIN, 2, args(tiny_dataset, save, "--exit-after", 2), tmp_path)  # steps 1-2
-    run_torchrun(PRETRAIN, 2, args(tiny_dataset, save), tmp_path)  # resumes at 2, to the end
+    run_torchrun(PRETRAIN, 2, ema_run_args(tiny_dataset, save, "--exit-after", 2), tmp_path)  # steps 1-2
+    run_torchrun(PRETRAIN, 2, ema_run_args(tiny_dataset, save), tmp_path)  # resumes at 2, to the end
     final = f"iter_{STEPS:07d}"
-    want = checkpoint_tensors(uninterrupted / final, tmp_path)
+    want = checkpoint_tensors(ema_run / final, tmp_path)
     got = checkpoint_tensors(save / final, tmp_path)
     ema = [k for k in want if k.startswith("callbacks.ema.")]
     assert len(ema) > 10 and all(k[len("callbacks.ema."):] in want for k in ema), "an EMA tensor per weight"
@@ -136,12 +120,12 @@ def test_exact_resume_with_ema_at_tp2(tiny_dataset, uninterrupted, tmp_path):
         assert torch.equal(got[k], want[k]), f"{k} differs after resuming"
 
 
-def test_tp2_ema_loads_at_tp1(tiny_dataset, uninterrupted, tmp_path):
+def test_tp2_ema_loads_at_tp1(tiny_dataset, ema_run, tmp_path):
     """The trainer resumed at TP=1 from the TP=2 checkpoint at its last step holds the EMA that was saved; one more
     step gives decay * saved EMA + (1 - decay) * the weights after it."""
     save = tmp_path / "tp1"
-    source = uninterrupted / f"iter_{STEPS:07d}"
-    run_torchrun(PRETRAIN, 1, args(tiny_dataset, save, "--load", str(source), "--train.train-steps", STEPS + 1,
+    source = ema_run / f"iter_{STEPS:07d}"
+    run_torchrun(PRETRAIN, 1, ema_run_args(tiny_dataset, save, "--load", str(source), "--train.train-steps", STEPS + 1,
                                    tp=1), tmp_path)
     before = checkpoint_tensors(source, tmp_path)
     after = checkpoint_tensors(save / f"iter_{STEPS + 1:07d}", tmp_path)
