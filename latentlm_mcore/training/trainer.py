@@ -165,7 +165,7 @@ class TrainerCallback:
         """What `dist_checkpointing.load` returned for `sharded_state_dict(trainer, is_loading=True)`."""
 
 
-def callbacks_from_config(cfg: LatentLMConfig, run: RunConfig) -> list[TrainerCallback]:
+def callbacks_from_config(cfg: LatentLMConfig) -> list[TrainerCallback]:
     """The callbacks the configs turn on: the EMA of the weights (train.ema_decay > 0)."""
     callbacks = []
     if cfg.train.ema_decay:
@@ -195,7 +195,7 @@ class Trainer:
             chunk.broadcast_params()  # identical replicas across DP from the start
         self.optimizer = build_optimizer(self.chunks, cfg.train, cfg.parallel, params_dtype=params_dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.callbacks = callbacks_from_config(cfg, self.run) + list(callbacks)
+        self.callbacks = callbacks_from_config(cfg) + list(callbacks)
         for callback in self.callbacks:
             callback.attach(self)
         self.iteration, self.consumed_tokens = 0, 0
