@@ -72,6 +72,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     seed: int = 1234
+    ema_decay: float = 0.0  # EMA of the weights kept beside them (training/ema.py); 0 = none. imagenet-*: DiT's 0.9999
 
 
 @dataclass
@@ -151,7 +152,7 @@ def _imagenet(name: str, hidden: int, layers: int, heads: int, lr: float) -> Lat
                           num_attention_heads=heads, vocab_size=1024, seq_length=260, latent_dim=32,
                           head_layers=3, head_ffn_hidden_size=4 * hidden),
         train=TrainConfig(lr=lr, min_lr=lr / 10, warmup_steps=100, train_steps=75_000,
-                          global_batch_size=2048, micro_batch_size=32, weight_decay=0.1),
+                          global_batch_size=2048, micro_batch_size=32, weight_decay=0.1, ema_decay=0.9999),
         cfg_scale=1.75,
     )
 
@@ -166,7 +167,7 @@ def _imagenet_latentlm_l() -> LatentLMConfig:
         model=ModelConfig(num_layers=32, hidden_size=1024, ffn_hidden_size=2730, num_attention_heads=16,
                           vocab_size=1024, seq_length=260, latent_dim=32, head_layers=6),
         train=TrainConfig(lr=5e-4, min_lr=5e-5, warmup_steps=100, train_steps=250_000,
-                          global_batch_size=2048, micro_batch_size=32, weight_decay=0.1),
+                          global_batch_size=2048, micro_batch_size=32, weight_decay=0.1, ema_decay=0.9999),
         cfg_scale=1.65,
     )
 

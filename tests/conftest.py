@@ -143,6 +143,26 @@ def tiny_dataset(tmp_path_factory):
     return out
 
 
+EMA_DECAY, EMA_STEPS = 0.8, 6  # far from 1: a few steps move the EMA visibly away from its start and the weights
+
+
+def ema_run_args(dataset, save, *extra, tp=2) -> list:
+    """pretrain/pretrain_latentlm.py arguments of a short tiny-preset run with an EMA of the weights."""
+    return ["--preset", "tiny", "--data", str(dataset), "--save", str(save), "--train.train-steps", EMA_STEPS,
+            "--train.warmup-steps", 2, "--train.global-batch-size", 4, "--train.micro-batch-size", 2,
+            "--train.ema-decay", EMA_DECAY, "--parallel.tensor-parallel", tp, "--log-interval", 1,
+            "--save-interval", 100, "--keep-last", 10, "--num-workers", 0, "--tensorboard", "false", *extra]
+
+
+@pytest.fixture(scope="session")
+def ema_run(tiny_dataset, tmp_path_factory):
+    """The save directory of `ema_run_args` at TP=2 on 2 processes, uninterrupted (tests/training/test_ema.py,
+    tests/hf/test_export_ema.py)."""
+    tmp = tmp_path_factory.mktemp("ema_run")
+    run_torchrun(REPO / "pretrain" / "pretrain_latentlm.py", 2, ema_run_args(tiny_dataset, tmp / "ckpt"), tmp)
+    return tmp / "ckpt"
+
+
 # ---------------------------------------------------------------- a real one-node Slurm
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):

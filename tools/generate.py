@@ -33,6 +33,9 @@ def parse_args(argv=None):
     p.add_argument("--iteration", type=int, help="with --checkpoint: this iteration instead of the latest")
     p.add_argument("--tokenizer", help="with --checkpoint: tokenizer spec (default: the checkpoint's provenance)")
     p.add_argument("--sigma-vae", help="with --checkpoint: σ-VAE file (default: the checkpoint's provenance)")
+    p.add_argument("--use-ema", action="store_true",
+                   help="with --checkpoint: sample from the EMA of the weights the run kept (an HF folder holds "
+                        "what was exported: convert_ckpt_to_hf.py --use-ema)")
     p.add_argument("--task", choices=["text-to-image", "class-to-image", "image-to-text", "text"], required=True)
     p.add_argument("--class", dest="classes", type=int, action="append", default=[],
                    help="class-to-image: a class index (repeat for a batch)")
@@ -53,8 +56,8 @@ def parse_args(argv=None):
         p.error("--task class-to-image needs at least one --class")
     if args.task not in ("image-to-text", "class-to-image") and not args.prompt:
         p.error(f"--task {args.task} needs at least one --prompt")
-    if args.hf and (args.iteration is not None or args.tokenizer or args.sigma_vae):
-        p.error("--iteration/--tokenizer/--sigma-vae apply to --checkpoint; an HF folder carries its own")
+    if args.hf and (args.iteration is not None or args.tokenizer or args.sigma_vae or args.use_ema):
+        p.error("--iteration/--tokenizer/--sigma-vae/--use-ema apply to --checkpoint; an HF folder carries its own")
     return args
 
 
@@ -111,7 +114,8 @@ def main(argv=None):
     if args.hf:
         generator = Generator.from_hf_folder(args.hf)
     else:
-        generator = Generator.from_megatron(args.checkpoint, args.iteration, args.tokenizer, args.sigma_vae)
+        generator = Generator.from_megatron(args.checkpoint, args.iteration, args.tokenizer, args.sigma_vae,
+                                            use_ema=args.use_ema)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               cfg_scale=_cfg_scale(args.cfg_scale, generator),
                               diffusion_steps=args.diffusion_steps, seed=args.seed)

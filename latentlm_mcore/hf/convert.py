@@ -213,8 +213,9 @@ weights are then reported as unused).
 # ---------------------------------------------------------------- the whole conversion
 def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = None, dtype: str = "fp32",
                        tokenizer: str | None = None, sigma_vae: str | None = None, overwrite: bool = False,
-                       max_shard_size: str = "2GB") -> str:
+                       max_shard_size: str = "2GB", use_ema: bool = False) -> str:
     """Write the Hugging Face folder of a Megatron checkpoint; returns the checkpoint directory used.
+    `use_ema`: export the checkpoint's EMA of the weights (training/ema.py) instead of the raw weights.
 
     `tokenizer` / `sigma_vae` default to the checkpoint's Provenance (the σ-VAE found by its hash, see
     training/provenance.py); without them the folder has no tokenizer / σ-VAE (said in the model card)."""
@@ -229,7 +230,7 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
         raise FileExistsError(f"{output} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
     from latentlm_mcore.training.provenance import resolve_sigma_vae
 
-    model, cfg, provenance, directory = load_megatron_model(checkpoint, iteration)
+    model, cfg, provenance, directory = load_megatron_model(checkpoint, iteration, use_ema=use_ema)
     tokenizer = tokenizer or provenance.tokenizer
     sigma_vae = resolve_sigma_vae(provenance, directory, explicit=sigma_vae)  # by hash, wherever it moved
     tok = vae = None

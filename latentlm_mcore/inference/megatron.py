@@ -29,11 +29,12 @@ def init_single_process() -> None:
     init_distributed(ParallelConfig(), seed=0)
 
 
-def load_megatron_model(checkpoint: str, iteration: int | None = None):
+def load_megatron_model(checkpoint: str, iteration: int | None = None, use_ema: bool = False):
     """(LatentLMModel at TP=1/PP=1 in eval mode, LatentLMConfig, its Provenance, checkpoint directory).
 
     `checkpoint` is a save directory (its `latest` is used unless `iteration` is given) or one
-    `iter_*` directory. Raises FileNotFoundError / RuntimeError naming what is missing."""
+    `iter_*` directory. `use_ema`: the weights are the checkpoint's EMA (training/ema.py) instead of the raw
+    ones. Raises FileNotFoundError / RuntimeError naming what is missing (ValueError: no EMA in it)."""
     from megatron.core import dist_checkpointing
 
     from latentlm_mcore.model import build_model, local_block_spec, transformer_config
@@ -59,6 +60,9 @@ def load_megatron_model(checkpoint: str, iteration: int | None = None):
         if not dist_checkpointing.check_is_distributed_checkpoint(directory):
             raise FileNotFoundError(f"{directory}: not a megatron distributed checkpoint") from e
         raise RuntimeError(f"{directory}: incomplete or unreadable checkpoint ({type(e).__name__}: {e})") from e
+    if use_ema:
+        from latentlm_mcore.training.ema import load_ema_weights
+        load_ema_weights([model], directory)
     # one device for the whole model: megatron's layers are built on the current CUDA device when there
     # is one, and the generation loop reads the device off the diffusion head
     model.to(compute_device())

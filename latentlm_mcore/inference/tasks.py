@@ -67,14 +67,14 @@ class Generator:
 
     @classmethod
     def from_megatron(cls, checkpoint: str, iteration: int | None = None, tokenizer: str | None = None,
-                      sigma_vae: str | None = None, use_cache: bool = True) -> "Generator":
+                      sigma_vae: str | None = None, use_cache: bool = True, use_ema: bool = False) -> "Generator":
         from latentlm_mcore.data.tokenizer import load_tokenizer
         from latentlm_mcore.inference.megatron import load_megatron_model, megatron_decoder
         from latentlm_mcore.vae import load_sigma_vae
 
         from latentlm_mcore.training.provenance import resolve_sigma_vae
 
-        model, cfg, provenance, directory = load_megatron_model(checkpoint, iteration)
+        model, cfg, provenance, directory = load_megatron_model(checkpoint, iteration, use_ema=use_ema)
         tokenizer = tokenizer or provenance.tokenizer
         sigma_vae = resolve_sigma_vae(provenance, directory, explicit=sigma_vae)  # by hash, wherever it moved
         if not tokenizer:

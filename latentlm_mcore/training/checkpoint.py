@@ -159,9 +159,10 @@ def _restore_rng(state: dict) -> None:
 
 # ---------------------------------------------------------------- full training state
 def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler, common: dict, cfg,
-                    provenance=None, keep_last: int | None = None, may_publish=None) -> str:
+                    provenance=None, keep_last: int | None = None, may_publish=None, callbacks: dict | None = None) -> str:
     """Save model, optimizer, scheduler, RNG and `common` (iteration, consumed tokens, data-loader
     states: must be identical on every rank) as checkpoint `iteration`; publish it atomically.
+    `callbacks`: {name: sharded state dict} of trainer callbacks (the EMA), saved beside the model.
     `may_publish()`, when given, raises to refuse publishing (the checkpoint stays `iter_N.tmp`)."""
     check = may_publish or (lambda: None)
     final = os.path.join(save_dir, iteration_dirname(iteration))
@@ -177,6 +178,8 @@ def save_checkpoint(save_dir: str, iteration: int, chunks, optimizer, scheduler,
     state["rng_state"] = _rng_sharded_object()
     state["scheduler"] = scheduler.state_dict()
     state["common"] = dict(common, iteration=iteration, layout=_layout())
+    if callbacks:
+        state["callbacks"] = callbacks
     dist_checkpointing.save(state, tmp)
     torch.distributed.barrier()
     if rank0:
@@ -207,10 +210,12 @@ def _prune(save_dir: str, keep_last: int) -> None:
         shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
 
 
-def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
+def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None, callbacks: dict | None = None) -> dict:
     """Load a checkpoint directory (see `resolve_checkpoint`) into the model chunks and, when given,
     the optimizer and scheduler, at any layout. RNG states are restored when the layout is the
-    saving one. Returns the common state (iteration, consumed tokens, data-loader states, ...)."""
+    saving one. Returns the common state (iteration, consumed tokens, data-loader states, ...), with
+    `loaded_callbacks`: what was loaded for `callbacks` ({name: sharded state dict to load}; those whose
+    callback has no state in the checkpoint are left out)."""
     saved_common = dist_checkpointing.load_common_state_dict(path)
     common = saved_common["common"]
     state = drop_absent_extra_state(model_sharded_state_dict(chunks), path)
@@ -221,7 +226,12 @@ def load_checkpoint(path: str, chunks, optimizer=None, scheduler=None) -> dict:
     same_layout = common["layout"] == _layout()
     if same_layout:
         state["rng_state"] = _rng_sharded_object()
+    saved_callbacks = common.get("callbacks", {})
+    callbacks = {name: sd for name, sd in (callbacks or {}).items() if name in saved_callbacks}
+    if callbacks:
+        state["callbacks"] = callbacks
     loaded = dist_checkpointing.load(state, path)
+    common["loaded_callbacks"] = loaded.get("callbacks", {})
     _load_model_state(chunks, loaded)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])

@@ -134,9 +134,14 @@ def pretrain(cfg: LatentLMConfig, run: RunConfig) -> dict:
 class TrainerCallback:
     """An extension of the loop (an EMA of the weights, a periodic sample or FID evaluation, ...): override
     what you need. `state_dict` goes into every checkpoint's common state under `callbacks.<name>` (it must
-    be the same on every rank and picklable) and comes back through `load_state_dict` on resume."""
+    be the same on every rank and picklable) and comes back through `load_state_dict` on resume; tensors
+    sharded like the model (`sharded_state_dict`) go into the distributed checkpoint beside it, resharded
+    at load like the model, and come back through `load_sharded_state_dict`."""
 
     name = "callback"
+
+    def attach(self, trainer: "Trainer") -> None:
+        """When the trainer is built, and after it resumed from a checkpoint without this callback's state."""
 
     def on_step_end(self, trainer: "Trainer", result: dict) -> None:
         """After every optimizer step (trainer.iteration already counts it); `result` as `train_step` returns."""
@@ -151,6 +156,23 @@ class TrainerCallback:
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def sharded_state_dict(self, trainer: "Trainer", is_loading: bool = False) -> dict:
+        """megatron ShardedTensors (keys of their own, e.g. `callbacks.<name>.` + the model's); when loading,
+        the targets to load into."""
+        return {}
+
+    def load_sharded_state_dict(self, trainer: "Trainer", loaded: dict) -> None:
+        """What `dist_checkpointing.load` returned for `sharded_state_dict(trainer, is_loading=True)`."""
+
+
+def callbacks_from_config(cfg: LatentLMConfig) -> list[TrainerCallback]:
+    """The callbacks the configs turn on: the EMA of the weights (train.ema_decay > 0)."""
+    callbacks = []
+    if cfg.train.ema_decay:
+        from latentlm_mcore.training.ema import ExponentialMovingAverage
+        callbacks.append(ExponentialMovingAverage(cfg.train.ema_decay))
+    return callbacks
+
 
 class Trainer:
     """LatentLM on Megatron-Core: model chunks (built from `cfg` / `run`, or given, e.g. with the local layer
@@ -159,7 +181,8 @@ class Trainer:
 
     `step(batches)` is one optimizer step, `evaluate(batches, n)` a forward-only pass, `save_checkpoint` /
     `resume` the full training state, `fit(data)` the pretraining loop (logging, evaluation, checkpoints,
-    preemption). `callbacks` (`TrainerCallback`) extend the loop without copying it."""
+    preemption). `callbacks` (`TrainerCallback`) extend the loop without copying it; those the configs turn
+    on (`callbacks_from_config`: the EMA) come first."""
 
     def __init__(self, cfg: LatentLMConfig, run: RunConfig | None = None, chunks=None,
                  params_dtype: torch.dtype = torch.float32, overlap: bool | None = None, callbacks=()):
@@ -172,7 +195,9 @@ class Trainer:
             chunk.broadcast_params()  # identical replicas across DP from the start
         self.optimizer = build_optimizer(self.chunks, cfg.train, cfg.parallel, params_dtype=params_dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.callbacks = list(callbacks)
+        self.callbacks = callbacks_from_config(cfg) + list(callbacks)
+        for callback in self.callbacks:
+            callback.attach(self)
         self.iteration, self.consumed_tokens = 0, 0
         self.data: DataStream | None = None  # the training stream `fit` reads (its position is checkpointed)
 
@@ -233,18 +258,26 @@ class Trainer:
                   "data": self.data_positions() if self.data is not None else None,
                   "callbacks": {c.name: c.state_dict() for c in self.callbacks}}
         with params_synced(self.chunks):
+            sharded = {c.name: c.sharded_state_dict(self) for c in self.callbacks}
             return save_checkpoint(self.run.save, self.iteration, self.chunks, self.optimizer, self.scheduler,
-                                   common, self.cfg, provenance, self.run.keep_last, may_publish)
+                                   common, self.cfg, provenance, self.run.keep_last, may_publish,
+                                   callbacks={name: sd for name, sd in sharded.items() if sd})
 
     def resume(self, path: str) -> None:
         """Model, optimizer, schedule, RNG, data position and callback states from checkpoint `path`."""
-        common = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler)
+        sharded = {c.name: c.sharded_state_dict(self, is_loading=True) for c in self.callbacks}
+        common = load_checkpoint(path, self.chunks, self.optimizer, self.scheduler,
+                                 callbacks={name: sd for name, sd in sharded.items() if sd})
         self.iteration, self.consumed_tokens = common["iteration"], common["consumed_tokens"]
         if self.data is not None and common.get("data") is not None:
             self.data.load_state_dicts(common["data"])
         for callback in self.callbacks:
             if callback.name in common.get("callbacks", {}):
                 callback.load_state_dict(common["callbacks"][callback.name])
+                if callback.name in common["loaded_callbacks"]:
+                    callback.load_sharded_state_dict(self, common["loaded_callbacks"][callback.name])
+            else:  # e.g. --load of a run trained without it: start from the loaded weights
+                callback.attach(self)
 
     def fit(self, data: DataStream, may_publish=None, peak: float | None = None) -> dict:
         """Train on `data` until cfg.train.train_steps (or run.exit_after steps, or a preemption signal),
