@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS, VAE_STEPS = 10, 10
 STAGES_THAT_SKIP = ("demo corpus", "σ-VAE", "pre-encoding", "pretraining", "export", "generation")

@@ -60,7 +60,7 @@ def latentlm_loss(loss_mask: torch.Tensor, micro_batch_counts: torch.Tensor, wei
     this micro-batch; `weight` = `diffusion_weight` of the global batch.
 
     Returns (loss to backpropagate, num_tokens, report). The report holds sums and counts
-    ("lm loss sum", "diffusion loss sum" of this TP rank's share, "lm targets", "diffusion targets");
+    ("lm_loss_sum", "diffusion_loss_sum" of this TP rank's share, "lm_targets", "diffusion_targets");
     `training.step.reduce_reports` turns them into the token-level L_LM and L_Diff of the global batch.
     """
     lm_per_token, diff_per_latent = outputs
@@ -68,8 +68,8 @@ def latentlm_loss(loss_mask: torch.Tensor, micro_batch_counts: torch.Tensor, wei
     diff_sum = diff_per_latent.float().sum()
     loss = lm_sum + weight * diff_sum
     num_tokens = micro_batch_counts[0].to(torch.int)
-    report = {"lm loss sum": lm_sum.detach().clone(), "diffusion loss sum": diff_sum.detach().clone(),
-              "lm targets": micro_batch_counts[0], "diffusion targets": micro_batch_counts[1]}
+    report = {"lm_loss_sum": lm_sum.detach().clone(), "diffusion_loss_sum": diff_sum.detach().clone(),
+              "lm_targets": micro_batch_counts[0], "diffusion_targets": micro_batch_counts[1]}
     return loss, num_tokens, report
 
 

@@ -28,8 +28,17 @@ BENIGN_WARNINGS = (
     # megatron-core 0.19 imports its MIMO configs whether or not a MIMO model is built
     ("ignore", r"MimoModelConfig is experimental", UserWarning, r"megatron\.core"),
     # megatron reads `.grad` of non-leaf tensors; torch warns on each access (through the CPU switch's
-    # torch-function mode, hence the module)
-    ("once", r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r""),
+    # torch-function mode, hence the module); the gradients megatron wants are there, tests/training checks
+    ("ignore", r"The \.grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r""),
+    # TransformerConfig maps the legacy "full" CUDA-graph scope to the whole layer, which is what we ask for
+    ("ignore", r"full scope is deprecated", UserWarning, r"megatron\.core"),
+    # a speed hint for GPU comm/compute overlap; CPU runs have no streams and GPU launches set the variable
+    ("ignore", r"When using (sequence parallelism|async grad allreduce) it is recommended to set the "
+     r"environment variable CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, r"megatron\.core"),
+    # megatron's dist-checkpointing loads through these torch.distributed.checkpoint APIs; the checkpoint
+    # format they read is what torch 2.13 still writes
+    ("ignore", r"`load_state_dict` is deprecated and will be removed", FutureWarning, ""),
+    ("ignore", r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning, ""),
     # the rest of megatron's notes (TransformerConfig.__post_init__ runs once per model chunk and per
     # evaluation model): once per process
     ("once", r"", UserWarning, r"megatron\.core"),

@@ -147,8 +147,8 @@ def reduce_reports(reports: list[dict], diffusion_loss_weight: float) -> dict:
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     counts = torch.zeros(2, dtype=torch.float64)
     if reports:  # only the last pipeline stage has them
-        sums = torch.stack([torch.stack([r["lm loss sum"], r["diffusion loss sum"]]) for r in reports]).double().sum(0)
-        counts = torch.stack([torch.stack([r["lm targets"], r["diffusion targets"]]) for r in reports]).double().sum(0)
+        sums = torch.stack([torch.stack([r["lm_loss_sum"], r["diffusion_loss_sum"]]) for r in reports]).double().sum(0)
+        counts = torch.stack([torch.stack([r["lm_targets"], r["diffusion_targets"]]) for r in reports]).double().sum(0)
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             diffusion = sums[1:].contiguous()
             torch.distributed.all_reduce(diffusion, group=parallel_state.get_tensor_model_parallel_group())
@@ -161,8 +161,8 @@ def reduce_reports(reports: list[dict], diffusion_loss_weight: float) -> dict:
         torch.distributed.broadcast(values, src=src, group=parallel_state.get_pipeline_model_parallel_group())
     lm_sum, diffusion_sum, lm_targets, diffusion_targets = values.tolist()
     lm, diffusion = lm_sum / max(lm_targets, 1.0), diffusion_sum / max(diffusion_targets, 1.0)
-    return {"loss": lm + diffusion_loss_weight * diffusion, "lm loss": lm, "diffusion loss": diffusion,
-            "lm targets": int(lm_targets), "diffusion targets": int(diffusion_targets)}
+    return {"loss": lm + diffusion_loss_weight * diffusion, "lm_loss": lm, "diffusion_loss": diffusion,
+            "lm_targets": int(lm_targets), "diffusion_targets": int(diffusion_targets)}
 
 
 def evaluate(chunks, data_iterator, num_microbatches: int, seq_length: int, micro_batch_size: int) -> dict:

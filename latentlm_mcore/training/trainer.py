@@ -246,7 +246,6 @@ class Trainer:
         if run.eval_data:
             data = self.data_stream(run.eval_data, seed=cfg.train.seed + 1)
             result = self.evaluate(self.per_chunk(iter(data)), run.eval_iters)
-            result = {key.replace(" ", "_"): value for key, value in result.items()}  # metric keys are single words
             result["lm_ppl"] = math.exp(min(result["lm_loss"], 50.0))
         for callback in self.callbacks:
             result.update(callback.on_evaluate(self))
@@ -329,7 +328,7 @@ class Trainer:
                 flops = training_flops(cfg.model, cfg.model.seq_length, num_latent_targets=latents.item(),
                                        num_sequences=t.global_batch_size * window_steps)
                 tflops_per_device = flops / elapsed / world / 1e12
-                last = {"loss": result["loss"], "lm_loss": result["lm loss"], "diffusion_loss": result["diffusion loss"],
+                last = {"loss": result["loss"], "lm_loss": result["lm_loss"], "diffusion_loss": result["diffusion_loss"],
                         "grad_norm": result["grad_norm"], "lr": self.optimizer.param_groups[0]["lr"],
                         "tokens_per_s": tokens_per_step * window_steps / elapsed, "tflops_per_device": tflops_per_device,
                         "mfu": tflops_per_device / peak if peak else None, "consumed_tokens": self.consumed_tokens}

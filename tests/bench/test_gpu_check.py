@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow
 def test_gpu_check_parts_pass_on_the_cpu(tmp_path):
     env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--cpu", "--out", str(tmp_path / "out")],

@@ -104,6 +104,7 @@ CHURN_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_segments_that_come_and_go_during_start_up_do_not_fail_the_run(dataset, tmp_path):
     # Streaming's own scan has each local rank guess the prefix; with segments appearing and vanishing meanwhile,
     # rank 1 guesses another one than its leader registered and the run dies ("does not match local leader").
@@ -120,6 +121,7 @@ def test_segments_that_come_and_go_during_start_up_do_not_fail_the_run(dataset, 
     assert (tmp_path / "rank0.prefix").read_text() == (tmp_path / "rank1.prefix").read_text()
 
 
+@pytest.mark.slow
 def test_a_killed_runs_segments_go_and_a_live_runs_stay(dataset, tmp_path):
     live = start(tmp_path, dataset, "holder", HOLD="1")
     procs = [live]

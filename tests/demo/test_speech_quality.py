@@ -1,3 +1,4 @@
+import pytest
 import soundfile as sf
 import torch
 
@@ -10,6 +11,7 @@ def test_edit_distance():
     assert _edit_distance([], "one".split()) == 1 and _edit_distance("a b".split(), "a b".split()) == 0
 
 
+@pytest.mark.slow
 def test_recognizer_hears_espeak_digits_and_not_noise(tmp_path):
     rec = DigitRecognizer()
     pairs = []
@@ -25,6 +27,7 @@ def test_recognizer_hears_espeak_digits_and_not_noise(tmp_path):
     assert noise["utterance_accuracy"] == 0.0
 
 
+@pytest.mark.slow
 def test_speaker_similarity_same_voice_above_different_voice(tmp_path):
     from latentlm_mcore.demo.speech_quality import SpeakerSimilarity
     sim = SpeakerSimilarity()

@@ -55,6 +55,7 @@ def test_inception_score_and_precision_recall_math_equal_torch_fidelity():
     assert (precision, recall) == pytest.approx(tuple(float(v) for v in expected), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_folder_metrics_equal_torch_fidelity_end_to_end(image_sets, weights_with_classifier):
     """torch-fidelity's own pipeline (its folder reader, network call, FID / IS / PRC) on the same folders
     and the same local weights file."""
@@ -75,6 +76,7 @@ def test_folder_metrics_equal_torch_fidelity_end_to_end(image_sets, weights_with
     assert ours["recall"] == pytest.approx(theirs["recall"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_adm_reference_batch_and_saved_reference(tmp_path, image_sets, inception, features):
     ref_images = image_sets[2]
     ref_features, gen_features = features
@@ -112,6 +114,7 @@ def test_bad_inputs_are_named(tmp_path, inception):
         inception_score(np.full((4, 1008), np.nan))
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path, image_sets, features):
     """The tool on 2 gloo processes (each extracts its half, one all-gather) against the library in-process."""
     ref_dir, gen_dir = image_sets[0], image_sets[1]

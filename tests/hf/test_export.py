@@ -25,6 +25,8 @@ from latentlm_mcore.vae import SIGMA_VAE_PRESETS, LatentStats, SigmaVAE, load_si
 from tests.conftest import REPO, run_torchrun
 from tests.data.test_tokenizer import small_bpe_ranks
 
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
+
 WORKER = Path(__file__).with_name("checkpoint_worker.py")
 CAPTIONS = ["a red cat", "the green grass near a blue lake"]
 T2I = dict(cfg_scale=2.0, diffusion_steps=10, seed=7)

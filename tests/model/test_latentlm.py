@@ -31,8 +31,8 @@ def run(model, batch):
     counts = count_targets(batch)
     loss, num_tokens, report = latentlm_loss(batch["loss_mask"], counts, torch.tensor(1.0), out)
     assert int(num_tokens) == int(counts[0])
-    means = {"lm loss": (report["lm loss sum"] / report["lm targets"].clamp(min=1)).item(),
-             "diffusion loss": (report["diffusion loss sum"] / report["diffusion targets"].clamp(min=1)).item()}
+    means = {"lm_loss": (report["lm_loss_sum"] / report["lm_targets"].clamp(min=1)).item(),
+             "diffusion_loss": (report["diffusion_loss_sum"] / report["diffusion_targets"].clamp(min=1)).item()}
     return out, (loss, means)
 
 
@@ -52,11 +52,11 @@ def test_diffusion_targets_only_count_where_next_token_is_latent(model):
     off = b["diffusion_mask"] == 0
     b2 = dict(b, diffusion_targets=b["diffusion_targets"] + 5.0 * off.unsqueeze(-1))
     (_, same) = run(model, b2)
-    assert same[1]["diffusion loss"] == ref[1]["diffusion loss"]
+    assert same[1]["diffusion_loss"] == ref[1]["diffusion_loss"]
     b3 = dict(b, diffusion_targets=b["diffusion_targets"] + 5.0 * (~off).unsqueeze(-1))
     (_, moved) = run(model, b3)
-    assert moved[1]["diffusion loss"] > ref[1]["diffusion loss"] + 1
-    assert moved[1]["lm loss"] == ref[1]["lm loss"]
+    assert moved[1]["diffusion_loss"] > ref[1]["diffusion_loss"] + 1
+    assert moved[1]["lm_loss"] == ref[1]["lm_loss"]
 
 
 def test_masked_labels_do_not_count_and_placeholders_are_replaced(model):
@@ -65,7 +65,7 @@ def test_masked_labels_do_not_count_and_placeholders_are_replaced(model):
     labels = torch.where(b["loss_mask"] > 0, b["labels"], torch.zeros_like(b["labels"]))
     tokens = torch.where(b["latent_mask"], torch.full_like(b["tokens"], 7), b["tokens"])
     (_, same) = run(model, dict(b, labels=labels, tokens=tokens))
-    assert same[1]["lm loss"] == ref[1]["lm loss"] and same[1]["diffusion loss"] == ref[1]["diffusion loss"]
+    assert same[1]["lm_loss"] == ref[1]["lm_loss"] and same[1]["diffusion_loss"] == ref[1]["diffusion_loss"]
 
 
 def test_causal_latent_inputs_only_affect_later_positions(model):
@@ -85,8 +85,8 @@ def test_noise_seed_determines_the_diffusion_noise(model):
     (_, a) = run(model, b)
     (_, again) = run(model, b)
     (_, other) = run(model, dict(b, noise_seed=b["noise_seed"] + 1))
-    assert a[1]["diffusion loss"] == again[1]["diffusion loss"]
-    assert a[1]["diffusion loss"] != other[1]["diffusion loss"]
+    assert a[1]["diffusion_loss"] == again[1]["diffusion_loss"]
+    assert a[1]["diffusion_loss"] != other[1]["diffusion_loss"]
     with pytest.raises(ValueError, match="noise_seed"):
         run(model, dict(b, noise_seed=None))
 
@@ -96,7 +96,7 @@ def test_batch_without_latents_still_touches_the_head_with_zero_weight(model):
     b = batch(model, images=0)
     (_, (loss, report)) = run(model, b)
     loss.backward()
-    assert report["diffusion loss"] == 0.0
+    assert report["diffusion_loss"] == 0.0
     head_grads = [p.grad for p in model.diffusion_head.parameters()]
     assert all(g is not None for g in head_grads), "every head parameter takes part in the backward"
     assert all(torch.count_nonzero(g) == 0 for g in head_grads)

@@ -8,6 +8,8 @@ import torch
 
 from tests.conftest import run_torchrun
 
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
+
 WORKER = Path(__file__).with_name("parity_worker.py")
 RTOL = 1e-5
 LAYOUTS = ["tp2", "tp2_sp", "pp2", "dp2_distopt", "dp2_distopt_overlap"]
@@ -35,9 +37,9 @@ def test_losses_gradients_and_updates_match_one_process(runs, layout):
     assert len(steps) == len(ref_steps) == 3
     for i, (got, want) in enumerate(zip(steps, ref_steps)):
         assert got["update_ok"] and want["update_ok"]
-        for key in ("loss", "lm loss", "diffusion loss", "grad_norm"):
+        for key in ("loss", "lm_loss", "diffusion_loss", "grad_norm"):
             assert got[key] == pytest.approx(want[key], rel=RTOL), f"step {i} {key}"
-        assert want["diffusion loss"] > 0, "the batch must exercise the diffusion head"
+        assert want["diffusion_loss"] > 0, "the batch must exercise the diffusion head"
         assert got["grads"].keys() == want["grads"].keys()
         for kind in ("grads", "params"):
             for name, ref in want[kind].items():
@@ -65,5 +67,5 @@ def test_tp2_checkpoint_loads_at_other_layouts(runs, loader):
     layouts, reference = runs
     saved = layouts["tp2"]["eval_trained"]
     loaded = reference["eval_trained"] if loader == "reference" else layouts["pp2"]["eval_trained"]
-    for key in ("lm loss", "diffusion loss"):
+    for key in ("lm_loss", "diffusion_loss"):
         assert loaded[key] == pytest.approx(saved[key], rel=1e-6), key

@@ -11,6 +11,8 @@ import pytest
 from tests.slurm.test_multinode import STEPS, losses, run_job, sh, submit
 from tests.slurm.test_pretrain_launcher import wait
 
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
+
 
 def trained(save) -> int:
     try:

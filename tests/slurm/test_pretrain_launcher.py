@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
 
 STEPS = 16
 

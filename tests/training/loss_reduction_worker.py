@@ -68,11 +68,11 @@ def by_hand(model, seqs: list[dict]) -> dict:
     loss.backward()
     # per-sequence sums and counts: what a per-micro-batch mean would have averaged
     rows = b["diffusion_mask"].nonzero()[:, 0]  # the sequence of each latent target, in the model's row order
-    per_seq = [{"lm sum": (lm[i] * b["loss_mask"][i]).sum().item(), "lm targets": b["loss_mask"][i].sum().item(),
-                "diffusion sum": diff[rows == i].sum().item(), "diffusion targets": b["diffusion_mask"][i].sum().item()}
+    per_seq = [{"lm_sum": (lm[i] * b["loss_mask"][i]).sum().item(), "lm_targets": b["loss_mask"][i].sum().item(),
+                "diffusion_sum": diff[rows == i].sum().item(), "diffusion_targets": b["diffusion_mask"][i].sum().item()}
                for i in range(len(seqs))]
-    return {"loss": loss.item(), "lm loss": lm_loss.item(), "diffusion loss": diff_loss.item(),
-            "lm targets": int(n_lm), "diffusion targets": int(n_diff), "grads": grads(model, "grad"),
+    return {"loss": loss.item(), "lm_loss": lm_loss.item(), "diffusion_loss": diff_loss.item(),
+            "lm_targets": int(n_lm), "diffusion_targets": int(n_diff), "grads": grads(model, "grad"),
             "per_sequence": per_seq}
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import REPO, run_torchrun
 
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
+
 PRETRAIN = REPO / "pretrain" / "pretrain_latentlm.py"
 STEPS = 12
 

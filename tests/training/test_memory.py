@@ -74,6 +74,7 @@ def test_distributed_optimizer_shards_over_dp_exactly():
     assert many.grad_bytes >= 4 * many.params and many.param_bytes >= 2 * many.params  # + bucket padding
 
 
+@pytest.mark.slow
 def test_planned_bytes_equal_what_real_ranks_allocate(tmp_path):
     run_torchrun(WORKER, 8, ["--tp", "2", "--pp", "2", "--out", str(tmp_path)], tmp_path)
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
@@ -94,6 +95,7 @@ def one_process_group():
 
 @pytest.mark.parametrize("hidden,seq,mbs,recompute", [(128, 256, 1, None), (256, 512, 2, "selective"),
                                                       (192, 384, 1, "full")])
+@pytest.mark.slow
 def test_activation_formula_within_15_percent_of_measured(one_process_group, hidden, seq, mbs, recompute):
     """bench/memory_activations.py runs the whole grid; here three points, one per recompute mode (192 x 384:
     a shape outside that grid)."""

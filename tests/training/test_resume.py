@@ -16,6 +16,8 @@ import torch
 
 from tests.conftest import REPO, kill_tree, run_torchrun, spawn_torchrun
 
+pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
+
 PRETRAIN = REPO / "pretrain" / "pretrain_latentlm.py"
 STEPS = 20
 
