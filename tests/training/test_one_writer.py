@@ -50,7 +50,13 @@ def published(save: Path) -> set:
 
 
 def tmp_dirs(save: Path) -> set:
-    return {(p.name, p.stat().st_ino) for p in save.glob("iter_*.tmp")} if save.exists() else set()
+    found = set()
+    for p in save.glob("iter_*.tmp") if save.exists() else ():
+        try:  # the trainer may publish (rename) the directory between the listing and the stat
+            found.add((p.name, p.stat().st_ino))
+        except FileNotFoundError:
+            pass
+    return found
 
 
 def wait_for(condition, proc, timeout=600, poll=0.01):
