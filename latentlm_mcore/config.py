@@ -103,6 +103,7 @@ class RunConfig:
     eval_interval: int = 1000
     eval_iters: int = 10  # micro-batches per rank per evaluation
     keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
+    log_sample_ids: bool = False  # <save>/sample_ids.jsonl: the global sequences and documents of every step
     exit_after: int | None = None  # stop (with a checkpoint) after this many steps in this invocation
     lease_wait: float = 0.0  # seconds to wait for another run's lease on `save` before refusing (runtime/lease.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU

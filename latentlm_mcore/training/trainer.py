@@ -23,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 
 from latentlm_mcore.config import LatentLMConfig, RunConfig
 from latentlm_mcore.data.loader.stream import CountingIterator, DataStream
+from latentlm_mcore.training.sample_ids import SampleIdLog
 from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
 from latentlm_mcore.runtime.lease import LeaseHeld, check_may_publish, lease_on_rank0
 from latentlm_mcore.runtime.metrics import MetricsLogger
@@ -306,6 +307,12 @@ class Trainer:
         # what generation and export need to read and write this model's data (None: random batches)
         provenance = Provenance.from_manifest(data.manifest, run.data) if data.manifest is not None else None
 
+        sample_ids = None
+        if run.log_sample_ids and data.loader is not None:
+            data.loader.take_consumed()  # from here on the loader keeps the layouts it yields
+            if rank0:
+                sample_ids = SampleIdLog(run.save, self.iteration, parallel_state.get_data_parallel_world_size())
+
         def checkpoint():
             self.save_checkpoint(provenance, may_publish)
             if logger is not None:
@@ -344,8 +351,13 @@ class Trainer:
                     logger.log(iteration, evaluation, split="eval")
             preempted = preempt.any_rank()
             done_here = run.exit_after is not None and iteration - start_iteration >= run.exit_after
-            if preempted or done_here or iteration % run.save_interval == 0 or iteration == t.train_steps:
+            saving = preempted or done_here or iteration % run.save_interval == 0 or iteration == t.train_steps
+            if saving:
                 checkpoint()
+            if run.log_sample_ids and data.loader is not None:
+                consumed = data.loader.take_consumed()
+                if sample_ids is not None:  # after the checkpoint: a step logged as saved is in `latest`
+                    sample_ids.write(iteration, consumed, {k: result[k] for k in ("lm_loss", "diffusion_loss")}, saving)
             if preempted:
                 stop_reason = f"signal {preempt.received or 'on another rank'}"
                 break

@@ -60,3 +60,27 @@ def multinode_cluster(tmp_path_factory):
         yield cluster
     finally:
         subprocess.run(["bash", str(CLUSTER / "stop_multinode.sh")], env=cluster.env, capture_output=True, timeout=120)
+
+
+BENCH = REPO / "bench/results/multinode.json"
+
+
+@pytest.fixture(scope="session")
+def record_seconds():
+    """`record_seconds(name, seconds)`: a scenario's wall time, written into bench/results/multinode.json at
+    the end of the session (entries of scenarios that did not run this time are kept)."""
+    import datetime
+    import json
+
+    from latentlm_mcore.runtime.files import write_json_atomic
+
+    measured = {}
+    yield lambda name, seconds: measured.__setitem__(name, round(seconds, 1))
+    if measured:
+        old = json.loads(BENCH.read_text()) if BENCH.exists() else {}
+        write_json_atomic(BENCH, {
+            "what": "wall seconds of the tests/slurm/test_multinode*.py scenarios on the 3-node netns Slurm "
+                    "(tests/slurm_cluster/start_multinode.sh), tiny preset, CPU gloo",
+            "conditions": f"{os.cpu_count()} CPU cores shared by the 3 nodes; the machine was also running other "
+                          f"work (loaded), so these are upper figures; {datetime.date.today().isoformat()}",
+            "seconds": dict(old.get("seconds", {}), **measured)})

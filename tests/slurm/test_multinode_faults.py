@@ -30,7 +30,8 @@ def reference(multinode_cluster, tiny_dataset, tmp_path_factory):
     return losses(save)
 
 
-def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(multinode_cluster, tiny_dataset, tmp_path, reference):
+def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(multinode_cluster, tiny_dataset, tmp_path, reference,
+                                                                    record_seconds):
     env, job, save, log = submit(multinode_cluster, tiny_dataset, tmp_path, "preempted", nodes=2, tasks_per_node=2)
     start = time.time()
     try:
@@ -54,14 +55,17 @@ def test_usr1_checkpoints_requeues_and_resumes_with_the_same_losses(multinode_cl
     assert f"resumed from {save / preempted_at} at iteration {stop}" in out
     assert f"stopped at iteration {STEPS}: finished" in out
     assert losses(save) == reference, "the requeued run must continue the uninterrupted curve exactly"
+    record_seconds("usr1_requeue_scenario", wall)
     print(f"wall: preempted at iteration {stop}, requeued and finished in {wall:.0f}s")
 
 
-def test_a_slow_to_start_host_delays_the_job_but_not_its_losses(multinode_cluster, tiny_dataset, tmp_path, reference):
+def test_a_slow_to_start_host_delays_the_job_but_not_its_losses(multinode_cluster, tiny_dataset, tmp_path, reference,
+                                                                record_seconds):
     """node3's slurmd is down when the job (pinned to node1 + node3) is submitted and comes up 15 s later."""
     cluster = multinode_cluster
     state = lambda: sh(cluster.env, "sinfo", "-h", "-n", "node3", "-o", "%T")  # noqa: E731
     cluster.node("kill", 3)
+    start = time.time()
     try:
         wait(lambda: "down" in state(), "slurmctld to see node3 down", tmp_path / "none", timeout=120)
         env, job, save, log = submit(cluster, tiny_dataset, tmp_path, "slow-host", nodes=2, tasks_per_node=2,
@@ -77,4 +81,5 @@ def test_a_slow_to_start_host_delays_the_job_but_not_its_losses(multinode_cluste
     out = log.read_text()
     assert "2 nodes, 4 tasks, master node1:" in out and f"stopped at iteration {STEPS}: finished" in out, out[-4000:]
     assert losses(save) == reference, "a late host must not change the run"
+    record_seconds("slow_start_host_scenario", time.time() - start)
     cluster.wait_idle(3)

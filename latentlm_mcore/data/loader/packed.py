@@ -208,6 +208,7 @@ class PackedLoader:
         self._sequence, self._document, self._offset = 0, 0, 0
         self.tokens_by_source = Counter()  # tokens of every consumed sequence of the global stream, by source
         self.skipped = Counter()  # documents dropped by the packer, by reason
+        self.consumed: list | None = None  # a list: the blocks yielded since `take_consumed` (sample-id log)
 
     # ---------------------------------------------------------------------------------- iteration
     def layout_blocks(self):
@@ -268,7 +269,19 @@ class PackedLoader:
             self._document, self._offset = block.position
             self.tokens_by_source.update(block.tokens_by_source)
             self.skipped.update(block.skipped)
+            if self.consumed is not None:
+                self.consumed.append((block.first_sequence, block.layouts))
             yield collate(block.own)
+
+    def take_consumed(self) -> list[dict]:
+        """The sequences of the global stream yielded since the last call (every DP rank's, laid out on each
+        rank): their global index, the DP rank that trains them and their document pieces [global document
+        index g, streaming sample id, start, end). Turned on by the first call."""
+        blocks, self.consumed = self.consumed or [], []
+        b, m = self.cfg.micro_batch_size, self.mixture
+        return [{"index": first + i, "dp_rank": i // b,
+                 "documents": [[g, m.sample_id(g), start, end] for g, start, end in pieces]}
+                for first, layouts in blocks for i, pieces in enumerate(layouts)]
 
     def token_share(self) -> dict:
         """Realised share of each source in the tokens of the global batches consumed so far."""
