@@ -1,6 +1,8 @@
 """slurm/pretrain_mllm_1.3b.sh across hosts, on the 3-node Slurm of tests/slurm/conftest.py (each node its
 own network, hostname, /dev/shm): 2 nodes x 2 CPU tasks (TP=2 inside a node, DP=2 across the nodes) give the
-same loss curve, bit for bit, as the same 4-task layout on one node."""
+same loss curve, bit for bit, as the same 4-task layout on one node; a host that dies mid-run ends the job
+within seconds, and the run resumed on one node (DP=1) trains every global sequence once over the whole run
+(sample-id log) with the losses of an uninterrupted one-node run."""
 import json
 import subprocess
 import sys
@@ -164,7 +166,7 @@ def test_dead_host_fails_fast_and_the_run_resumes_on_one_node_with_each_sample_o
             worst = max(worst, abs(committed[it][key] - record[key]) / abs(record[key]))
             assert committed[it][key] == pytest.approx(record[key], rel=1e-5), f"iteration {it}: {key}"
     record_seconds("dead_host_fail_fast", fail_fast)
-    record_seconds("dead_host_scenario_kill_to_one_node_resume_finished", wall)
+    record_seconds("dead_host_scenario_submit_to_one_node_resume_finished", wall)
     record_seconds("one_node_uninterrupted_reference_run", wall_reference)
     print(f"node{victim} killed after step 6: job off the node after {fail_fast:.0f}s; resumed on {healthy} from {kept}; "
           f"steps {redone} redone; {steps * batch} sequences each trained once; worst relative loss difference "
