@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow
 
 WORKER = Path(__file__).with_name("parity_worker.py")
 RTOL = 1e-5
-LAYOUTS = ["tp2", "tp2_sp", "pp2", "dp2_distopt", "dp2_distopt_overlap"]
+LAYOUTS = ["tp2", "tp2_sp", "pp2", "dp2_distopt", "dp2_distopt_overlap", "tp2_speech"]
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,8 @@ def runs(tmp_path_factory):
     run_torchrun(WORKER, 2, ["--phase", "layouts", "--out", str(out)], out)
     run_torchrun(WORKER, 1, ["--phase", "reference", "--out", str(out)], out)
     layouts = torch.load(out / "layouts.pt", weights_only=False)
-    reference = torch.load(out / "reference.pt", weights_only=False)["reference"]
-    return layouts, reference
+    references = torch.load(out / "reference.pt", weights_only=False)
+    return layouts, references["reference"], references["reference_speech"]
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -32,7 +32,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_losses_gradients_and_updates_match_one_process(runs, layout):
-    layouts, reference = runs
+    layouts, reference, speech_reference = runs
+    if layout == "tp2_speech":  # speech documents: CE at latent positions (stop targets), varying run lengths
+        reference = speech_reference
     steps, ref_steps = layouts[layout]["steps"], reference["steps"]
     assert len(steps) == len(ref_steps) == 3
     for i, (got, want) in enumerate(zip(steps, ref_steps)):
@@ -49,7 +51,7 @@ def test_losses_gradients_and_updates_match_one_process(runs, layout):
 
 
 def test_diffusion_head_gradients_are_exercised(runs):
-    _, reference = runs
+    _, reference, _ = runs
     last = reference["steps"][-1]["grads"]
     head = {k: v for k, v in last.items() if k.startswith("diffusion_head.")}
     assert head and sum(v.norm().item() > 0 for v in head.values()) == len(head), \
@@ -58,13 +60,13 @@ def test_diffusion_head_gradients_are_exercised(runs):
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2"])
 def test_diffusion_head_is_replicated_not_sharded(runs, layout):
-    layouts, _ = runs
+    layouts, _, _ = runs
     assert layouts[layout]["head_replicated"]
 
 
 @pytest.mark.parametrize("loader", ["reference", "pp2"])
 def test_tp2_checkpoint_loads_at_other_layouts(runs, loader):
-    layouts, reference = runs
+    layouts, reference, _ = runs
     saved = layouts["tp2"]["eval_trained"]
     loaded = reference["eval_trained"] if loader == "reference" else layouts["pp2"]["eval_trained"]
     for key in ("lm_loss", "diffusion_loss"):
