@@ -1,5 +1,6 @@
 """Parallel layouts equal the one-process run: TP=2 (SP off / on), PP=2 (1F1B, 4 micro-batches) and
-DP=2 with the distributed optimizer (also with overlapped grad reduce / param gather), over 3 optimizer steps, on a batch holding text and latents;
+DP=2 with the distributed optimizer (also with overlapped grad reduce / param gather), over 3 optimizer steps, on a batch holding text and latents
+(and TP=2 on packed speech batches, whose LM loss also counts the stop targets at latent positions);
 and a distributed checkpoint saved at TP=2 loads at TP=1 and PP=2 with the same outputs."""
 from pathlib import Path
 

@@ -5,6 +5,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 from latentlm_mcore.data import schema
@@ -12,6 +13,8 @@ from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture
 from latentlm_mcore.data.loader.packed import DocumentReader, LoaderConfig, PackedLoader, _seed
 from latentlm_mcore.data.loader.packing import BATCH_FIELDS
 from latentlm_mcore.vae.model import sample_sigma_latents
+
+pytestmark = pytest.mark.slow  # ~100 s on the loaded 2-core machine (streaming readers per loader)
 
 
 def mixture(speech_dataset, cache_dir, name):
