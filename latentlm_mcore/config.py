@@ -174,14 +174,33 @@ def _imagenet_latentlm_l() -> LatentLMConfig:
 
 
 def _tts_24l() -> LatentLMConfig:
-    # Appendix E, Table 9: 5M-token batches, 100k steps, 10k warmup, weight decay 0.01,
-    # 3-layer head; speech latents from the 7.5 Hz sigma-VAE with latent dim 64 (Table 6).
+    # Section 3.3.1 and appendix E, Table 9: 24 layers x 1024, FFN 4096, 16 heads, 3-layer head, LR 7.5e-4,
+    # 5M-token batches (1280 x 4096), 100k steps, 10k warmup, weight decay 0.01. Latents: the 15 Hz audio σ-VAE
+    # (latent dim 32, Table 5), the frame rate of Table 4's best row; the 7.5 / 3.75 Hz rows take
+    # --model.latent-dim 64 / 128 with those σ-VAEs. CFG 4 (Fig. 10a).
     return LatentLMConfig(
         name="tts-24l",
         model=ModelConfig(num_layers=24, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16,
-                          vocab_size=CL100K_PADDED_VOCAB, seq_length=4096, latent_dim=64, head_layers=3),
+                          vocab_size=CL100K_PADDED_VOCAB, seq_length=4096, latent_dim=32, head_layers=3),
         train=TrainConfig(lr=7.5e-4, min_lr=7.5e-5, warmup_steps=10_000, train_steps=100_000,
                           global_batch_size=1280, micro_batch_size=1, weight_decay=0.01),
+        cfg_scale=4.0,
+    )
+
+
+def _tts_tiny() -> LatentLMConfig:
+    # The CPU size of tts-24l (quickstart class) for the spoken digits: the `tiny` audio σ-VAE's 40 Hz latents of
+    # dim 16, cl100k_base:8192. Sequence 256: a digits document is a <= 3 s voice prompt (<= 120 latents, ~80 in
+    # the corpus), a few text ids and a <= 2 s target (<= 80 latents), so one document fits a sequence.
+    return LatentLMConfig(
+        name="tts-tiny",
+        model=ModelConfig(num_layers=4, hidden_size=128, ffn_hidden_size=384, num_attention_heads=4,
+                          vocab_size=CL100K_8K_PADDED_VOCAB, seq_length=256, latent_dim=16, head_layers=3,
+                          head_ffn_hidden_size=128, batch_mul=16),
+        train=TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=20, train_steps=1000, global_batch_size=8,
+                          micro_batch_size=4, weight_decay=0.01),
+        parallel=ParallelConfig(tensor_parallel=2),
+        cfg_scale=4.0,
     )
 
 
@@ -229,6 +248,7 @@ PRESETS = {
     "imagenet-3b": lambda: _imagenet("imagenet-3b", 2560, 32, 20, 1.6e-4),
     "imagenet-latentlm-l": _imagenet_latentlm_l,
     "tts-24l": _tts_24l,
+    "tts-tiny": _tts_tiny,
 }
 
 

@@ -86,6 +86,6 @@ def corpus_accuracy(corpus_dir: str, split: str, recognizer: DigitRecognizer | N
     with open(os.path.join(corpus_dir, f"{split}.jsonl"), encoding="utf-8") as f:
         for line in f:
             doc = json.loads(line)
-            text, audio = doc["segments"][0]["text"], doc["segments"][1]
+            text, audio = doc["segments"][-2]["text"], doc["segments"][-1]  # after the voice prompt, if any
             pairs.append((load_audio(os.path.join(corpus_dir, audio["audio"]), SAMPLE_RATE), text))
     return recognizer_accuracy(pairs, recognizer)

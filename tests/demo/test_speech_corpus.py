@@ -20,11 +20,17 @@ def test_corpus_splits_and_audio(tmp_path):
     held = [json.loads(l) for l in open(tmp_path / "heldout.jsonl")]
     voice = [json.loads(l) for l in open(tmp_path / "heldout_voice.jsonl")]
     assert {d["speaker"] for d in voice} == {"en-029"} and "en-029" not in {d["speaker"] for d in train}
-    assert not {(d["speaker"], d["segments"][0]["text"]) for d in train} & \
-        {(d["speaker"], d["segments"][0]["text"]) for d in held}
+    assert not {(d["speaker"], d["segments"][-2]["text"]) for d in train} & \
+        {(d["speaker"], d["segments"][-2]["text"]) for d in held}
     doc = train[0]
-    assert doc["source"] == "speech" and doc["segments"][0]["text"] in digit_texts(2)
-    seg = doc["segments"][1]
+    assert doc["source"] == "speech" and doc["segments"][-2]["text"] in digit_texts(2)
+    # voice prompts: another utterance of the same voice in the same split, at most 3 s
+    by_id = {d["segments"][-1]["audio"]: d for d in train}
+    for d in train:
+        prompt = d["segments"][0]
+        assert by_id[prompt["voice"]]["speaker"] == d["speaker"] and prompt["voice"] != d["segments"][-1]["audio"]
+        assert prompt["end"] - prompt["start"] <= 3.0
+    seg = doc["segments"][-1]
     info = sf.info(tmp_path / seg["audio"])
     assert info.samplerate == 16000 and info.channels == 1
     assert abs(info.frames / 16000 - seg["end"]) < 1e-3 and 0.2 < seg["end"] < 3.0

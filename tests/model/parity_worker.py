@@ -46,6 +46,31 @@ def my_micro_batches(batches: list[dict]) -> list[dict]:
     return batches[rank * n:(rank + 1) * n]
 
 
+def speech_micro_batches(step: int) -> list[dict]:
+    """Micro-batches of speech documents packed by the real packer (`<BOD> prompt <EOD> text <BOD> target <EOD>
+    <END_OF_DOCUMENT>`, runs of varying length): CE also at the latent positions (the stop targets)."""
+    import numpy as np
+
+    from latentlm_mcore.data.loader.packing import PackableDocument, SpecialIds, build_sequence, collate
+
+    ids = SpecialIds(bod=250, eod=251, latent=252, end_of_document=253, pad=254)
+    rng = np.random.default_rng(step)
+    out = []
+    for i in range(NUM_MICROBATCHES):
+        seqs = []
+        for b in range(MBS):
+            k, t, n = (int(x) for x in rng.integers((2, 1, 3), (6, 4, 12)))
+            tokens = np.asarray([ids.bod] + [ids.latent] * k + [ids.eod] + list(rng.integers(0, 250, t)) + [ids.bod]
+                                + [ids.latent] * n + [ids.eod, ids.end_of_document], np.int32)
+            doc = PackableDocument(index=i * MBS + b, source="speech", tokens=tokens,
+                                   latents=rng.normal(size=(k + n, MODEL.latent_dim)).astype(np.float32))
+            doc.mark_runs(ids)
+            seqs.append(build_sequence([(doc.index, 0, len(tokens))], {doc.index: doc}, MODEL.seq_length,
+                                       MODEL.latent_dim, ids, seed=1000 * step + i))
+        out.append(collate(seqs))
+    return out
+
+
 def eval_batches() -> list[dict]:
     return my_micro_batches(global_micro_batches(step=99))
 
@@ -105,7 +130,7 @@ def head_is_replicated(model) -> bool:
 
 
 def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict, save_trained=False, eval_trained=False,
-               overlap=False):
+               overlap=False, batches=global_micro_batches):
     init_distributed(parallel, seed=7)
     config = transformer_config(MODEL, parallel)
     model = build_model(MODEL, config, block_spec=local_block_spec(config))
@@ -119,7 +144,7 @@ def run_layout(name: str, parallel: ParallelConfig, out_dir: str, results: dict,
     chunks, optimizer = trainer.chunks, trainer.optimizer
     record = {"steps": []}
     for step in range(STEPS):
-        data = my_micro_batches(global_micro_batches(step))
+        data = my_micro_batches(batches(step))
         optimizer.zero_grad()
         losses = forward_backward(chunks, iter(data), len(data), MODEL.seq_length, MBS)
         gather_grad_buffers_over_dp(chunks[0])
@@ -156,8 +181,11 @@ def main():
         run_layout("dp2_distopt", ParallelConfig(distributed_optimizer=True), args.out, results)
         # overlapped grad reduce-scatter and param all-gather (on by default on GPUs)
         run_layout("dp2_distopt_overlap", ParallelConfig(distributed_optimizer=True), args.out, results, overlap=True)
+        run_layout("tp2_speech", ParallelConfig(tensor_parallel=2), args.out, results, batches=speech_micro_batches)
     else:
         run_layout("reference", ParallelConfig(distributed_optimizer=False), args.out, results, eval_trained=True)
+        run_layout("reference_speech", ParallelConfig(distributed_optimizer=False), args.out, results,
+                   batches=speech_micro_batches)
     if dist.get_rank() == 0:
         torch.save(results, os.path.join(args.out, f"{args.phase}.pt"))
     shutdown_distributed()

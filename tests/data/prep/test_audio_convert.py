@@ -26,10 +26,17 @@ def test_librispeech_and_libritts_layouts(tmp_path):
     skipped = Counter()
     docs = list(convert_librispeech([str(tmp_path / "train")], skipped))
     assert [d["id"] for d in docs] == ["19-198-0000", "19-198-0001", "84_121_000001_000000"]
+    # voice prompt: the speaker's next utterance in sorted order (the last takes the first), its first 3 s
     assert docs[0] == {"id": "19-198-0000", "source": schema.SPEECH_SOURCE, "speaker": "19",
-                       "segments": [{"text": "HELLO WORLD"},
+                       "segments": [{"voice": "19/198/19-198-0001.flac", "start": 0.0, "end": 1.0},
+                                    {"text": "HELLO WORLD"},
                                     {"audio": "19/198/19-198-0000.flac", "start": 0.0, "end": 0.5}]}
-    assert docs[2]["speaker"] == "84" and docs[2]["segments"][1]["end"] == 0.25
+    assert docs[1]["segments"][0] == {"voice": "19/198/19-198-0000.flac", "start": 0.0, "end": 0.5}
+    # a speaker with one utterance has no prompt (the preprocessing then uses the target's own first 3 s)
+    assert docs[2]["speaker"] == "84" and docs[2]["segments"] == [
+        {"text": "A normalized sentence."}, {"audio": "84/121/84_121_000001_000000.wav", "start": 0.0, "end": 0.25}]
+    for d in docs:
+        assert schema.parse_raw_line(json.dumps(d)).segments == d["segments"]
     assert skipped == Counter({schema.AUDIO_UNREADABLE: 1, schema.AUDIO_MISSING: 1})
 
 
@@ -47,3 +54,15 @@ def test_libriheavy_cuts_and_flat_lines(tmp_path):
                                    {"audio": "download/100/sea_fairies.flac", "start": 12.5, "end": 15.75}]
     assert docs[0]["speaker"] == "100" and docs[1]["segments"][1] == {"audio": "a/b.flac", "start": 0.0, "end": 2.0}
     assert skipped == Counter({schema.INVALID_SCHEMA: 2, schema.INVALID_JSON: 1})
+
+
+def test_libriheavy_voice_prompt_is_a_cut_of_the_same_speaker_at_most_3_s(tmp_path):
+    lines = [{"id": f"u{i}", "audio": f"book{i % 2}.flac", "start": 10.0 * i, "end": 10.0 * i + d, "text": "x",
+              "speaker": s} for i, (d, s) in enumerate([(5.0, "7"), (2.0, "8"), (1.5, "7"), (4.0, "8"), (2.5, "")])]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    docs = {d["id"]: d for d in convert_libriheavy([str(manifest)], Counter())}
+    assert docs["u0"]["segments"][0] == {"voice": "book0.flac", "start": 20.0, "end": 21.5}  # u2: same speaker
+    assert docs["u2"]["segments"][0] == {"voice": "book0.flac", "start": 0.0, "end": 3.0}  # u0, cut to 3 s
+    assert docs["u1"]["segments"][0] == {"voice": "book1.flac", "start": 30.0, "end": 33.0}
+    assert "voice" not in docs["u4"]["segments"][0]  # unknown speaker: no prompt
