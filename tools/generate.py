@@ -9,7 +9,8 @@
 A Megatron checkpoint (saved at any TP/PP) is loaded at TP=1 in this process and decodes with
 megatron's static KV cache; an HF folder with transformers' DynamicCache. Writes `<output>/grid.png` (all images),
 `<output>/images/NNN.png` and `<output>/samples.json` (prompts, texts, token ids); text-to-speech writes
-`<output>/<i>.wav` and `<output>/speech.json` (text, voice file, seconds, latents, stopped by "eod" or "max").
+`<output>/<i>.wav`, `<output>/speech.json` (text, voice file, seconds, latents, stopped by "eod" or "max") and
+`<output>/latents.safetensors`.
 """
 import argparse
 import json
@@ -116,9 +117,13 @@ def write_outputs(generations, prompts, output: str) -> None:
 
 
 def write_speech(speeches, output: str) -> None:
+    """<i>.wav (float32 at the σ-VAE's rate), speech.json, and latents.safetensors (the generated runs, scaled as
+    the model reads them, key "<i>": to decode again or compare backends)."""
     import soundfile as sf
+    from safetensors.torch import save_file
 
     os.makedirs(output, exist_ok=True)
+    save_file({str(i): s.latents.contiguous() for i, s in enumerate(speeches)}, os.path.join(output, "latents.safetensors"))
     records = []
     for i, s in enumerate(speeches):
         sf.write(os.path.join(output, f"{i}.wav"), s.audio.clamp(-1, 1).numpy(), s.sample_rate, subtype="FLOAT")
