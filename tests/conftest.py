@@ -143,6 +143,52 @@ def tiny_dataset(tmp_path_factory):
     return out
 
 
+def make_audio_vae(path, wavs=(), seed=0):
+    """A randomly initialised `tiny` audio σ-VAE (16 kHz, 40 Hz latents of dim 16) with the latent statistics
+    of `wavs` (1-D float arrays at 16 kHz; a fixed noise burst when none), saved with save_audio_vae."""
+    import torch
+
+    from latentlm_mcore.vae.audio_config import AUDIO_VAE_PRESETS
+    from latentlm_mcore.vae.audio_model import AudioSigmaVAE, compute_audio_latent_stats, pad_to_hop, save_audio_vae
+
+    torch.manual_seed(seed)
+    vae = AudioSigmaVAE(AUDIO_VAE_PRESETS["tiny"]).eval()
+    hop = vae.config.hop_length
+    batches = [pad_to_hop(torch.as_tensor(w, dtype=torch.float32)[None], hop) for w in wavs] or \
+        [0.1 * torch.randn(2, 40 * hop, generator=torch.Generator().manual_seed(seed))]
+    save_audio_vae(path, vae, compute_audio_latent_stats(vae, batches))
+    return path
+
+
+@pytest.fixture(scope="session")
+def speech_dataset(tmp_path_factory):
+    """Tiny real speech shards: espeak-ng's spoken digits (demo/speech_corpus.py: 2 training voices + the held-out
+    voice, one speed, the ten digits and 4 phrases, 16 kHz, voice prompts from the converter's rule) encoded by a
+    random `tiny` audio σ-VAE (latent stats of the corpus) with cl100k_base:8192 through the real preprocessing.
+    Returns a namespace: mds (dataset folder), corpus (audio root with train/heldout/heldout_voice.jsonl),
+    audio_vae (its file), raw (the JSONL preprocessed: train.jsonl)."""
+    import types
+
+    import soundfile as sf
+
+    from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
+    from latentlm_mcore.demo.speech_corpus import TRAIN_VOICES, build_speech_corpus
+
+    root = tmp_path_factory.mktemp("speech_dataset")
+    corpus = root / "corpus"
+    build_speech_corpus(str(corpus), phrases=4, voices=TRAIN_VOICES[:2], speeds=(175,))
+    raw = corpus / "train.jsonl"
+    docs = [json.loads(line) for line in raw.read_text().splitlines()]
+    wavs = [sf.read(corpus / d["segments"][-1]["audio"], dtype="float32")[0] for d in docs[:8]]
+    make_audio_vae(root / "audio_vae.pt", wavs)
+    out = root / "mds"
+    preprocess_part(PreprocessConfig(inputs=[str(raw)], output=str(out), audio_root=str(corpus),
+                                     audio_vae_checkpoint=str(root / "audio_vae.pt"), tokenizer="cl100k_base:8192",
+                                     batch_images=8, progress=False))
+    merge_parts(str(out), 1)
+    return types.SimpleNamespace(mds=out, corpus=corpus, audio_vae=root / "audio_vae.pt", raw=raw)
+
+
 EMA_DECAY, EMA_STEPS = 0.8, 6  # far from 1: a few steps move the EMA visibly away from its start and the weights
 
 

@@ -3,7 +3,24 @@
 Raw JSONL (what `data_prep/` writes, what preprocessing reads), one document per line:
     {"id": str, "source": "text" | "pair" | "interleaved", "segments": [{"text": str} | {"image": path}]}
     {"id": str, "source": "class", "label": int, "segments": [{"image": path}]}   class-conditional images
-Image paths are relative to one image root (absolute paths must lie inside it).
+    {"id": str, "source": "speech", "speaker": str,
+     "segments": [{"voice": path, "start": s, "end": e},    optional voice prompt: another utterance of the same
+                                                            speaker (<= 3 s used), chosen by the converter
+                  {"text": str},                            the target's transcript
+                  {"audio": path, "start": s, "end": e}]}   the target utterance (start / end optional: whole file)
+Image paths are relative to one image root, audio paths to one audio root (absolute paths must lie inside it).
+
+Speech documents (paper §3.3: zero-shot TTS, "speech prompt + text -> speech") are preprocessed with an audio
+σ-VAE (`vae/audio_model.py`; `prep/speech.py`) into
+    <BOD> prompt latents <EOD> text ids <BOD> target latents <EOD> <END_OF_DOCUMENT>
+with <LATENT> at each latent position; `latents` holds the prompt's rows, then the target's. Without a `voice`
+segment the prompt is the target's own first min(3 s, half the utterance) of latents (paper setting 2, "3 s
+prefix as prompt"); the target stays whole. No new special ids: <BOD>/<EOD> open and close any latent run.
+Speech runs have variable length, so the LM head also learns when to stop: at a latent position of a speech
+run its cross-entropy target is the next id, <LATENT> ("one more latent") or <EOD> (`loader/packing.py`).
+The loader's condition dropout removes a speech document's text ids (classifier-free guidance), and draws the
+σ-VAE sample z = μ + σ·ε with one σ per latent run. One σ-VAE per dataset: speech is preprocessed with
+`--audio-vae` into its own output (the model has one latent projection), images with `--vae`.
 
 Class documents (paper §3.1: class-conditional ImageNet) are preprocessed with a class vocabulary
 (`tokenizer.ClassVocabulary`, spec `classes:N`: class c is id c, <NULL_CLASS> is N, the specials follow;
@@ -41,11 +58,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SOURCES = ("text", "pair", "interleaved", "class")
-# Raw JSONL of speech (data_prep/convert.py librispeech|libriheavy): segments {"text": str} then
-# {"audio": path, "start": s, "end": e} (seconds, path relative to the audio root), plus "speaker". Not yet in
-# SOURCES: preprocessing does not encode audio yet (issue 13 item 2, next session).
 SPEECH_SOURCE = "speech"
+SOURCES = ("text", "pair", "interleaved", "class", SPEECH_SOURCE)
 MDS_COLUMNS = {"tokens": "ndarray:int32", "latents": "bytes", "doc_id": "str", "source": "str"}
 MANIFEST_NAME = "manifest.json"
 
@@ -68,9 +82,12 @@ AUDIO_WRONG_RATE = "audio_wrong_rate"
 AUDIO_TOO_LONG = "audio_too_long"
 AUDIO_SILENT = "audio_silent"
 AUDIO_CLIPPED = "audio_clipped"
+AUDIO_OUTSIDE_ROOT = "audio_outside_root"
+AUDIO_TOO_SHORT = "audio_too_short"  # fewer than 2 latent frames: no prompt prefix can be cut from it
 REJECT_REASONS = (INVALID_JSON, INVALID_SCHEMA, EMPTY_DOCUMENT, DUPLICATE_ID, IMAGE_MISSING,
                   IMAGE_OUTSIDE_ROOT, IMAGE_UNREADABLE, IMAGE_TRUNCATED, IMAGE_TOO_LARGE, LABEL_OUT_OF_RANGE,
-                  AUDIO_MISSING, AUDIO_UNREADABLE, AUDIO_WRONG_RATE, AUDIO_TOO_LONG, AUDIO_SILENT, AUDIO_CLIPPED)
+                  AUDIO_MISSING, AUDIO_UNREADABLE, AUDIO_WRONG_RATE, AUDIO_TOO_LONG, AUDIO_SILENT, AUDIO_CLIPPED,
+                  AUDIO_OUTSIDE_ROOT, AUDIO_TOO_SHORT)
 
 
 @dataclass
@@ -110,6 +127,7 @@ class RawDocument:
     source: str
     segments: list[dict]  # each {"text": str} or {"image": str}
     label: int | None = None  # source "class": the class index
+    speaker: str | None = None  # source "speech"
 
     @property
     def image_paths(self) -> list[str]:
@@ -119,6 +137,8 @@ class RawDocument:
         obj = {"id": self.id, "source": self.source, "segments": self.segments}
         if self.label is not None:
             obj["label"] = self.label
+        if self.speaker is not None:
+            obj["speaker"] = self.speaker
         return json.dumps(obj, ensure_ascii=False)
 
 
@@ -146,6 +166,8 @@ def _validate(doc_id: str, obj: dict) -> RawDocument:
     segments = obj.get("segments")
     if not isinstance(segments, list):
         raise RejectedDocument(INVALID_SCHEMA, "'segments' must be a list")
+    if obj["source"] == SPEECH_SOURCE:
+        return _validate_speech(doc_id, obj, segments)
     kept = []
     for i, seg in enumerate(segments):
         if isinstance(seg, dict) and set(seg) == {"text"} and isinstance(seg["text"], str):
@@ -179,6 +201,44 @@ def _validate_class(doc_id: str, obj: dict, segments: list[dict]) -> RawDocument
         raise RejectedDocument(INVALID_SCHEMA, f"a class document is exactly one image segment, got "
                                                f"{[next(iter(s)) for s in segments]}")
     return RawDocument(id=doc_id, source="class", segments=segments, label=label)
+
+
+def _audio_segment(i: int, seg, key: str) -> dict:
+    if not isinstance(seg, dict) or key not in seg or not set(seg) <= {key, "start", "end"} \
+            or not isinstance(seg[key], str) or not seg[key]:
+        raise RejectedDocument(INVALID_SCHEMA, f"segment {i} is not {{{key!r}: path, 'start': s, 'end': e}}")
+    for k in ("start", "end"):
+        v = seg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0):
+            raise RejectedDocument(INVALID_SCHEMA, f"segment {i} {k!r} must be a number of seconds >= 0, got {v!r}")
+    if seg.get("start") is not None and seg.get("end") is not None and not seg["end"] > seg["start"]:
+        raise RejectedDocument(INVALID_SCHEMA, f"segment {i} ends at {seg['end']} s, not after its start {seg['start']} s")
+    return dict(seg)
+
+
+def _validate_speech(doc_id: str, obj: dict, segments: list) -> RawDocument:
+    """[{"voice"...}?, {"text"}, {"audio"...}] in this order (see the module docstring)."""
+    speaker = obj.get("speaker", "")
+    if not isinstance(speaker, str):
+        raise RejectedDocument(INVALID_SCHEMA, f"'speaker' must be a string, got {speaker!r}")
+    if "label" in obj:
+        raise RejectedDocument(INVALID_SCHEMA, "'label' belongs to source 'class', not 'speech'")
+    kinds = [next(iter(s), None) if isinstance(s, dict) else type(s).__name__ for s in segments]
+    has_voice = bool(segments) and isinstance(segments[0], dict) and "voice" in segments[0]
+    if len(segments) != 2 + has_voice:
+        raise RejectedDocument(INVALID_SCHEMA, f"a speech document is [voice?, text, audio] segments, got {kinds}")
+    kept = [_audio_segment(0, segments[0], "voice")] if has_voice else []
+    text = segments[has_voice]
+    if not isinstance(text, dict) or set(text) != {"text"} or not isinstance(text["text"], str):
+        raise RejectedDocument(INVALID_SCHEMA, f"segment {int(has_voice)} of a speech document must be {{'text': str}}")
+    if not text["text"].strip():
+        raise RejectedDocument(EMPTY_DOCUMENT, "a speech document's transcript is empty")
+    try:
+        text["text"].encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RejectedDocument(INVALID_SCHEMA, f"transcript is not valid Unicode: {e}") from None
+    kept += [dict(text), _audio_segment(1 + has_voice, segments[1 + has_voice], "audio")]
+    return RawDocument(id=doc_id, source=SPEECH_SOURCE, segments=kept, speaker=speaker)
 
 
 def encode_latents(latents) -> bytes:

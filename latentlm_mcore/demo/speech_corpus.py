@@ -1,6 +1,7 @@
 """The spoken-digits corpus of the TTS demo (issue 13 item 5): espeak-ng, in several voices and speeds, saying
 the ten digit words and short digit phrases, written as 16 kHz mono WAV files plus raw JSONL of source `speech`
-(segments {"text"} then {"audio", "start", "end"}, and the speaker = voice).
+(segments {"voice"} — the voice's next utterance in the same split, first 3 s — {"text"}, {"audio", "start",
+"end"}, and the speaker = voice).
 
 Splits: `train.jsonl` (training voices, most utterances), `heldout.jsonl` (training voices, utterances none of
 train's texts say in that voice and speed: every ~8th text, chosen by hash), `heldout_voice.jsonl` (one voice
@@ -73,7 +74,10 @@ def build_speech_corpus(out_dir: str, phrases: int = 30, voices=TRAIN_VOICES, he
                 split = ("heldout_voice" if voice == heldout_voice
                          else "heldout" if _is_heldout(text, voice, speed) else "train")
                 splits[split].append(doc)
+    from latentlm_mcore.data.prep.convert import add_voice_prompts
+
     for name, docs in splits.items():
+        add_voice_prompts(docs)  # prompts from the same split and voice: held-out audio never enters training
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(d) + "\n" for d in docs)
     return {name: len(docs) for name, docs in splits.items()}

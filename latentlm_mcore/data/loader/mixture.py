@@ -141,7 +141,8 @@ class StreamMixture:
 
         self.layouts = {s: read_layout(os.path.join(root_of[s], s)) if "://" not in root_of[s] else None
                         for s in self.sources}
-        self.tokens_per_image = int(self.manifest["tokens_per_image"])
+        tokens_per_image = self.manifest.get("tokens_per_image")  # None: speech, runs of any length
+        self.tokens_per_image = None if tokens_per_image is None else int(tokens_per_image)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """Sample ids of one epoch in streaming's resampled, shuffled order (cached for the current epoch)."""

@@ -10,9 +10,10 @@ global batches the original layout would have drawn. Every rank lays out every s
 token ids) but builds only its own: scaling latents, drawing σ-VAE samples and filling the tensors.
 
 Per document, from (seed, g): condition dropout (a caption-first pair's caption dropped; a class document's
-class token replaced by <NULL_CLASS>: DiT's label dropout), the flip of a class image pre-encoded with its
+class token replaced by <NULL_CLASS>: DiT's label dropout; a speech document's text ids removed, leaving
+`<BOD> prompt <EOD> <BOD> target <EOD>`), the flip of a class image pre-encoded with its
 mirror (schema), the direction of a pair (caption → image or image →
-caption), and the σ-VAE sample z = μ + σ·ε of each of its images (`latentlm_mcore.vae.sample_sigma_latents`,
+caption), and the σ-VAE sample z = μ + σ·ε of each of its images and speech runs (one σ per latent run) (`latentlm_mcore.vae.sample_sigma_latents`,
 the draw σ-VAE training uses), so every layout and every resume sees the same z, as input and as diffusion
 target.
 
@@ -88,9 +89,15 @@ class DocumentReader(torch.utils.data.Dataset):
         latents = schema.decode_latents(sample["latents"], m.latent_dim)
         if sample["source"] == "class":
             tokens, latents = self._class_choices(g, tokens, latents)
+        if sample["source"] == schema.SPEECH_SOURCE and self._speech_text_dropped(g):
+            # CFG's unconditional stream: the prompt without the text (the latents stay: prompt, then target)
+            tokens = tokens[np.isin(tokens, [ids.bod, ids.eod, ids.latent, ids.end_of_document])]
         doc = PackableDocument(index=g, source=sample["source"], tokens=tokens, latents=latents, scaled=False)
         doc.mark_runs(ids)
         return doc
+
+    def _speech_text_dropped(self, g: int) -> bool:
+        return _uniform(self.mixture.cfg.seed, 1, g) < self.condition_dropout  # caption dropout's key
 
     def _class_choices(self, g: int, tokens: np.ndarray, latents: np.ndarray):
         """Label dropout and the flip of the class document at global index g (its shape stays the same)."""
@@ -121,6 +128,11 @@ class DocumentReader(torch.utils.data.Dataset):
                 length = int(sizes.sum()) + 1
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]) + (0 if image_first else caption)
             runs = np.stack([starts, starts + sizes - 1], 1) if len(runs) else runs
+        if source == schema.SPEECH_SOURCE and self._speech_text_dropped(g):
+            text = int(runs[1, 0] - runs[0, 1] - 1)  # between the prompt's <EOD> and the target's <BOD>
+            runs = np.asarray(runs).copy()
+            runs[1] -= text
+            length -= text
         return DocumentShape(index=g, source=source, length=length, runs=runs)
 
 
@@ -155,8 +167,13 @@ class SequenceBuilder:
             from latentlm_mcore.vae.model import sample_sigma_latents
 
             self.generator.manual_seed(_seed(m.cfg.seed, 3, doc.index))
-            images = mu.reshape(-1, m.tokens_per_image, m.latent_dim)
-            mu = sample_sigma_latents(images, m.c_sigma, self.generator).reshape(-1, m.latent_dim)
+            if doc.source == schema.SPEECH_SOURCE:  # runs of any length: one σ per run, drawn in order
+                lengths = np.diff(doc.latent_before[np.flatnonzero(doc.tokens == m.ids.eod)], prepend=0)
+                mu = torch.cat([sample_sigma_latents(run[None], m.c_sigma, self.generator)[0]
+                                for run in torch.split(mu, lengths.tolist())])
+            else:
+                images = mu.reshape(-1, m.tokens_per_image, m.latent_dim)
+                mu = sample_sigma_latents(images, m.c_sigma, self.generator).reshape(-1, m.latent_dim)
         doc.latents = ((mu.numpy() - m.latent_mean) / m.latent_std).astype(np.float32)
         doc.scaled = True
 

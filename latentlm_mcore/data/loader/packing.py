@@ -11,7 +11,10 @@ BATCH CONTRACT (one packed sequence of length s; collate stacks each field into 
     tokens             int64 [s]        input ids; the <LATENT> placeholder where a latent is the input
     labels             int64 [s]        tokens[i+1]; the last position holds <PAD> and is masked
     loss_mask          float32 [s]      1 where labels[i] counts for cross-entropy: tokens[i+1] exists, is
-                                        not <LATENT> and not <PAD>. <BOD>/<EOD> are ordinary targets
+                                        not <LATENT> and not <PAD>. <BOD>/<EOD> are ordinary targets.
+                                        Speech documents also at every latent position i of their runs:
+                                        the target <LATENT> ("one more latent") or <EOD> ("stop"), since
+                                        speech runs vary in length (images' do not: they keep the rule above)
     latent_mask        bool [s]         position i holds a latent (its embedding is the latent projection)
     latents            float32 [s, d]   the latent at input position i (zeros elsewhere), unit-scaled
     diffusion_mask     float32 [s]      1 where position i+1 holds a latent (h_i gets the diffusion loss)
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from latentlm_mcore.data.schema import SpecialIds, image_runs  # noqa: F401  (the format contract)
+from latentlm_mcore.data.schema import SPEECH_SOURCE, SpecialIds, image_runs  # noqa: F401  (the format contract)
 
 BATCH_FIELDS = ("tokens", "labels", "loss_mask", "latent_mask", "latents", "diffusion_mask",
                 "diffusion_targets", "position_ids", "noise_seed")
@@ -149,11 +152,13 @@ def build_sequence(pieces, documents: dict, seq_length: int, latent_dim: int, id
     s = seq_length
     tokens = np.full(s, ids.pad, np.int64)
     latents = np.zeros((s, latent_dim), np.float32)
+    speech = np.zeros(s, bool)
     fill = 0
     for g, offset, end in pieces:
         doc = documents[g]
         k = end - offset
         tokens[fill:fill + k] = doc.tokens[offset:end]
+        speech[fill:fill + k] = doc.source == SPEECH_SOURCE
         la, lb = doc.latent_before[offset], doc.latent_before[end]
         if lb > la:
             latents[fill:fill + k][doc.tokens[offset:end] == ids.latent] = doc.latents[la:lb]
@@ -164,6 +169,8 @@ def build_sequence(pieces, documents: dict, seq_length: int, latent_dim: int, id
     labels[:-1], labels[-1] = tokens[1:], ids.pad
     loss_mask = np.zeros(s, np.float32)
     loss_mask[:-1] = (tokens[1:] != ids.latent) & (tokens[1:] != ids.pad)
+    loss_mask[:-1][speech[:-1] & latent_mask[:-1] & latent_mask[1:]] = 1  # speech: "one more latent" (a run
+    # never crosses a sequence end, so a latent's next position is in this sequence and is <LATENT> or <EOD>)
     diffusion_mask = np.zeros(s, np.float32)
     diffusion_mask[:-1] = latent_mask[1:]
     diffusion_targets = np.zeros_like(latents)

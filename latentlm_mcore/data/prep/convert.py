@@ -318,6 +318,30 @@ def _speech_doc(doc_id: str, text: str, audio: str, start: float, end: float, sp
             "segments": [{"text": text}, {"audio": audio, "start": round(float(start), 4), "end": round(float(end), 4)}]}
 
 
+VOICE_PROMPT_SECONDS = 3.0
+
+
+def add_voice_prompts(docs: list[dict], seconds: float = VOICE_PROMPT_SECONDS) -> list[dict]:
+    """Give each speech document a voice prompt (schema): the next utterance of the same speaker in sorted id
+    order (the last one takes the first), cut to its first `seconds`; none when the speaker is unknown ("") or
+    has one utterance. Deterministic, so a rerun writes the same JSONL."""
+    by_speaker: dict[str, list[dict]] = {}
+    for d in docs:
+        if d.get("speaker"):
+            by_speaker.setdefault(d["speaker"], []).append(d)
+    for group in by_speaker.values():
+        if len(group) < 2:
+            continue
+        group = sorted(group, key=lambda d: d["id"])
+        for d, other in zip(group, group[1:] + group[:1]):
+            src = other["segments"][-1]
+            start = src.get("start") or 0.0
+            end = start + seconds if src.get("end") is None else min(src["end"], start + seconds)
+            d["segments"] = [{"voice": src["audio"], "start": start, "end": round(end, 4)}] + \
+                [s for s in d["segments"] if "voice" not in s]
+    return docs
+
+
 def _duration(path: str) -> float | None:
     import soundfile as sf
     try:
@@ -331,8 +355,10 @@ def convert_librispeech(roots: list[str], skipped: Counter) -> Iterator[dict]:
     """Walk each root for LibriSpeech transcripts (`<spk>-<chap>.trans.txt`: lines `<id> <TEXT>`, audio
     `<id>.flac` beside it) and LibriTTS ones (`<id>.normalized.txt`, audio `<id>.wav`). Audio paths are
     relative to the root they were found under (the audio root preprocessing is given); the speaker is the
-    id's first field. Utterances whose audio is missing or unreadable are skipped by reason."""
+    id's first field. Utterances whose audio is missing or unreadable are skipped by reason. Each document's
+    voice prompt is another utterance of its speaker (`add_voice_prompts`): all are collected first."""
     from latentlm_mcore.data import schema
+    docs = []
     for root in roots:
         for folder, _, files in sorted(os.walk(root)):
             pairs = []
@@ -360,15 +386,19 @@ def convert_librispeech(roots: list[str], skipped: Counter) -> Iterator[dict]:
                 if seconds is None:
                     skipped[schema.AUDIO_UNREADABLE] += 1
                     continue
-                yield _speech_doc(uid, text, os.path.relpath(audio, root), 0.0, seconds, uid.split("-")[0].split("_")[0])
+                docs.append(_speech_doc(uid, text, os.path.relpath(audio, root), 0.0, seconds,
+                                        uid.split("-")[0].split("_")[0]))
+    yield from add_voice_prompts(docs)
 
 
 def convert_libriheavy(paths: list[str], skipped: Counter) -> Iterator[dict]:
     """Libriheavy manifests: lhotse cuts ({"id", "start", "duration", "recording": {"sources": [{"source"}]},
     "supervisions": [{"text" or "custom": {"texts": [...]}, "speaker"}]}) or flat lines {"id", "audio",
     "start", "end", "text", "speaker"}. Audio paths are kept as written (relative to the audio root); they
-    are decoded and checked in preprocessing (data/prep/audio.py)."""
+    are decoded and checked in preprocessing (data/prep/audio.py). Voice prompts as `add_voice_prompts`
+    (same speaker, next cut in sorted id order, first 3 s)."""
     from latentlm_mcore.data import schema
+    docs = []
     for path in paths:
         for lineno, line in _json_lines(path):
             try:
@@ -393,4 +423,5 @@ def convert_libriheavy(paths: list[str], skipped: Counter) -> Iterator[dict]:
             if not isinstance(text, str) or not text.strip() or not isinstance(audio, str) or not end > start >= 0:
                 skipped[schema.INVALID_SCHEMA] += 1
                 continue
-            yield _speech_doc(doc_id, text.strip(), audio, start, end, speaker)
+            docs.append(_speech_doc(doc_id, text.strip(), audio, start, end, speaker))
+    yield from add_voice_prompts(docs)

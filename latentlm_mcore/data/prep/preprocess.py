@@ -40,15 +40,20 @@ from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file
 class PreprocessConfig:
     inputs: list[str]  # raw JSONL files or globs
     output: str
-    image_root: str
-    vae_checkpoint: str
+    image_root: str | None = None
+    vae_checkpoint: str | None = None  # the image σ-VAE
+    # Speech documents (prep/speech.py): the audio σ-VAE file (vae/audio_model.py) and the folder every audio
+    # path is relative to. One σ-VAE per dataset: with it, the run encodes speech only.
+    audio_vae_checkpoint: str | None = None
+    audio_root: str | None = None
+    max_audio_seconds: float = 60.0  # longer utterances are rejected (audio_too_long)
     tokenizer: str = "cl100k_base"  # class documents: "classes:N" (tokenizer.ClassVocabulary)
     # Class documents: encode each image and its horizontal mirror (DiT's random flip; the loader picks one).
     # Off where a flip changes the class (digits, text in images).
     hflip: bool = False
     num_shards: int = 1  # Slurm array size
     shard_index: int = 0  # this task's index
-    batch_images: int = 64  # images per σ-VAE forward
+    batch_images: int = 64  # images (or utterances) per σ-VAE forward
     max_image_pixels: int = 64_000_000  # decompression-bomb limit (width x height)
     shard_size_limit: int = 1 << 26  # bytes of one MDS shard before compression
     device: str | None = None  # None: cuda if present
@@ -153,6 +158,42 @@ class _LatentMoments:
         return {"count": self.count, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
 
 
+class ImageEncoding:
+    """What `_write_part` needs of the image σ-VAE (speech: prep/speech.py `SpeechEncoding`, same interface)."""
+
+    def __init__(self, cfg: PreprocessConfig, device):
+        from latentlm_mcore.vae import load_sigma_vae
+
+        if not cfg.vae_checkpoint or not cfg.image_root:
+            raise ValueError("encoding images needs a σ-VAE file and an image root (--vae, --image-root)")
+        self.cfg, self.device = cfg, device
+        self.vae = load_sigma_vae(cfg.vae_checkpoint).to(device).eval()
+        vcfg = self.vae.config
+        self.latent_dim, self.tokens_per_image, self.latent_stats = vcfg.latent_dim, vcfg.num_latents, self.vae.latent_stats
+
+    def manifest_vae(self) -> dict:
+        vcfg = self.vae.config
+        return {"path": os.path.abspath(self.cfg.vae_checkpoint), "sha256": sha256_file(self.cfg.vae_checkpoint),
+                "image_size": vcfg.image_size, "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents,
+                "c_sigma": vcfg.c_sigma}  # the loader draws z = μ + σ·ε with it
+
+    def prepare(self, doc: schema.RawDocument, tokenizer):
+        """(ids, images to encode, rows: None = all their latents in order)."""
+        if doc.source == schema.SPEECH_SOURCE:
+            raise RejectedDocument(schema.INVALID_SCHEMA, "a speech document in an image preprocessing run: "
+                                   "preprocess speech with --audio-vae and --audio-root into another output")
+        tokens = document_tokens(doc, tokenizer, self.tokens_per_image)  # first: a bad label costs no image read
+        ims = [load_image(p, self.cfg.image_root, self.vae.config.image_size, self.cfg.max_image_pixels)
+               for p in doc.image_paths]
+        if self.cfg.hflip and doc.source == "class":
+            ims.append(np.ascontiguousarray(ims[0][:, :, ::-1]))  # the mirror: second latent set (schema)
+        return tokens, ims, None
+
+    def encode(self, images: list) -> list[np.ndarray]:
+        with torch.inference_mode():
+            return list(self.vae.encode(torch.from_numpy(np.stack(images)).to(self.device)).float().cpu().numpy())
+
+
 # ------------------------------------------------------------------------------------------- one part
 
 def _part_paths(cfg: PreprocessConfig):
@@ -174,8 +215,6 @@ def preprocess_part(cfg: PreprocessConfig) -> dict:
 
 
 def _write_part(cfg: PreprocessConfig) -> dict:
-    from latentlm_mcore.vae import load_sigma_vae
-
     name, manifest_path, rejects_path = _part_paths(cfg)
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
@@ -188,16 +227,26 @@ def _write_part(cfg: PreprocessConfig) -> dict:
     MDSWriter = import_streaming().MDSWriter
     tokenizer = load_tokenizer(cfg.tokenizer)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = load_sigma_vae(cfg.vae_checkpoint).to(device).eval()
+    if cfg.audio_vae_checkpoint and cfg.vae_checkpoint:
+        raise ValueError("one σ-VAE per dataset (the model has one latent projection): preprocess speech "
+                         "(--audio-vae) and images (--vae) into separate outputs")
+    if cfg.audio_vae_checkpoint:
+        from latentlm_mcore.data.prep.speech import SpeechEncoding
+
+        encoding = SpeechEncoding(cfg.audio_vae_checkpoint, cfg.audio_root, device, cfg.max_audio_seconds,
+                                  cfg.batch_images)
+    else:
+        encoding = ImageEncoding(cfg, device)
     tokenizer_ids = SpecialIds(bod=tokenizer.bod_id, eod=tokenizer.eod_id, latent=tokenizer.latent_id,
                                end_of_document=tokenizer.end_of_document_id, pad=-1)
-    vcfg = vae.config
-    moments = _LatentMoments(vcfg.latent_dim)
+    latent_dim = encoding.latent_dim
+    moments = _LatentMoments(latent_dim)
     writers: dict[str, object] = {}
     shapes: dict[str, tuple[list, list]] = {}  # source -> (lengths, image runs) of its documents, in order
     written, tokens_written, latents_written, rejected = Counter(), Counter(), Counter(), Counter()
     images_written = images_read = 0
-    pending: list[tuple[schema.RawDocument, np.ndarray, list[np.ndarray]]] = []
+    audio_seconds = 0.0
+    pending: list[tuple[schema.RawDocument, np.ndarray, list, list | None]] = []
 
     def writer_for(source: str):
         if source not in writers:
@@ -207,18 +256,17 @@ def _write_part(cfg: PreprocessConfig) -> dict:
         return writers[source]
 
     def flush():
-        nonlocal images_written
-        images = [im for _, _, ims in pending for im in ims]
-        latents = np.zeros((0, vcfg.num_latents, vcfg.latent_dim), np.float32)
-        if images:
-            with torch.inference_mode():
-                batch = torch.from_numpy(np.stack(images)).to(device)
-                latents = vae.encode(batch).float().cpu().numpy()
-            moments.add(latents)
+        nonlocal images_written, audio_seconds
+        items = [item for _, _, its, _ in pending for item in its]
+        latents = encoding.encode(items) if items else []
+        for item_latents in latents:
+            moments.add(item_latents)
         at = 0
-        for doc, tokens, ims in pending:
-            doc_latents = latents[at:at + len(ims)].reshape(-1, vcfg.latent_dim).astype(np.float16)
-            at += len(ims)
+        for doc, tokens, its, rows in pending:
+            mine = latents[at:at + len(its)]
+            at += len(its)
+            parts = mine if rows is None else [mine[i][a:b] for i, a, b in rows]
+            doc_latents = (np.concatenate(parts) if parts else np.zeros((0, latent_dim))).astype(np.float16)
             writer_for(doc.source).write({"tokens": tokens, "latents": schema.encode_latents(doc_latents), "doc_id": doc.id,
                                           "source": doc.source})
             lengths, runs = shapes.setdefault(doc.source, ([], []))
@@ -226,6 +274,8 @@ def _write_part(cfg: PreprocessConfig) -> dict:
             runs.append(image_runs(tokens, tokenizer_ids))
             written[doc.source] += 1
             images_written += len(doc.image_paths)  # a mirror is no image of its own
+            if doc.source == schema.SPEECH_SOURCE:
+                audio_seconds += sum(len(w) for w in its) / encoding.sample_rate
             tokens_written[doc.source] += len(tokens)
             latents_written[doc.source] += int(np.count_nonzero(tokens == tokenizer.latent_id))
         pending.clear()
@@ -236,11 +286,7 @@ def _write_part(cfg: PreprocessConfig) -> dict:
         doc = None
         try:
             doc = schema.parse_raw_line(line)
-            tokens = document_tokens(doc, tokenizer, vcfg.num_latents)  # first: a bad label costs no image read
-            ims = [load_image(p, cfg.image_root, vcfg.image_size, cfg.max_image_pixels) for p in doc.image_paths]
-            if cfg.hflip and doc.source == "class":
-                ims.append(np.ascontiguousarray(ims[0][:, :, ::-1]))  # the mirror: second latent set (schema)
-            return item, (doc, tokens, ims)
+            return item, (doc, *encoding.prepare(doc, tokenizer))
         except RejectedDocument as e:
             e.doc_id = e.doc_id or (doc.id if doc else None)
             return item, e
@@ -277,16 +323,13 @@ def _write_part(cfg: PreprocessConfig) -> dict:
         os.replace(os.path.join(cfg.output, source, name + ".tmp"), os.path.join(cfg.output, source, name))
     os.replace(rejects_path + ".tmp", rejects_path)
 
-    stats = vae.latent_stats
+    stats = encoding.latent_stats
     manifest = {
         "part": name,
         "tokenizer": tokenizer.describe(),
-        "vae": {"path": os.path.abspath(cfg.vae_checkpoint), "sha256": sha256_file(cfg.vae_checkpoint),
-                "image_size": vcfg.image_size,
-                "latent_dim": vcfg.latent_dim, "num_latents": vcfg.num_latents,
-                "c_sigma": vcfg.c_sigma},  # the loader draws z = μ + σ·ε with it
-        "latent_dim": vcfg.latent_dim,
-        "tokens_per_image": vcfg.num_latents,
+        "vae": encoding.manifest_vae(),  # image or audio σ-VAE (kind "audio"): file, sha256, c_sigma, ...
+        "latent_dim": latent_dim,
+        "tokens_per_image": encoding.tokens_per_image,  # None for speech (runs of any length)
         "hflip": cfg.hflip,  # class documents hold their image's and its mirror's latents
         "vae_latent_stats": None if stats is None else stats.to_dict(),
         "latent_moments": moments.to_dict(),
@@ -294,6 +337,7 @@ def _write_part(cfg: PreprocessConfig) -> dict:
         "tokens_written": dict(tokens_written),
         "latent_tokens_written": dict(latents_written),
         "images_written": images_written,
+        "audio_seconds_written": round(audio_seconds, 3),
         "documents_rejected": dict(rejected),
         "seconds": time.perf_counter() - start,
     }
@@ -405,6 +449,7 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
         "tokens_written": total("tokens_written"),
         "latent_tokens_written": total("latent_tokens_written"),
         "images_written": sum(p["images_written"] for p in parts),
+        "audio_seconds_written": round(sum(p.get("audio_seconds_written", 0.0) for p in parts), 3),
         "documents_rejected": total("documents_rejected"),
         "num_parts": num_shards,
     }
