@@ -178,7 +178,8 @@ def write_sigma_vae(vae, folder: str) -> None:
         json.dump({"config": asdict(vae.config), "latent_stats": stats}, f, indent=2)
 
 
-def write_model_card(folder: str, cfg, source: str, dtype: str, has_vae: bool, has_tokenizer: bool) -> None:
+def write_model_card(folder: str, cfg, source: str, dtype: str, has_vae: bool, has_tokenizer: bool,
+                     speech: bool = False) -> None:
     from latentlm_mcore.config import count_parameters
 
     params = count_parameters(cfg.model)
@@ -214,6 +215,19 @@ Or, from the latentlm_mcore repository:
 
 The text part alone also loads as a plain `LlamaForCausalLM` (the latent projection and diffusion head
 weights are then reported as unused).
+"""
+    if speech:
+        card += """
+Text -> speech (this export's σ-VAE is an audio one):
+```python
+import soundfile as sf, torch
+vae = model.load_audio_vae()
+wav, rate = sf.read("voice.wav", dtype="float32")  # mono, at vae.config.sample_rate (resample it first otherwise)
+voice = vae.encode_scaled(torch.from_numpy(wav[: 3 * rate])[None])[0]  # its first 3 s
+sample = model.generate_speech([tok.encode("seven two", add_special_tokens=False)], [voice])[0]
+audio = vae.decode_scaled(sample.images[0][None])[0]  # sample.run_ends[0]: "eod" or "max"
+```
+Or `python tools/generate.py --hf <this folder> --task text-to-speech --prompt "..." --voice voice.wav --output out/`.
 """
     Path(folder, "README.md").write_text(card)
 
@@ -280,7 +294,7 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
             write_tokenizer(tok, staging)
         if vae is not None:
             write_sigma_vae(vae, staging)
-        write_model_card(staging, cfg, directory, dtype, vae is not None, tok is not None)
+        write_model_card(staging, cfg, directory, dtype, vae is not None, tok is not None, speech=audio)
         for name in os.listdir(staging):
             os.chmod(os.path.join(staging, name), 0o644)
         os.chmod(staging, 0o755)  # mkdtemp made it private

@@ -133,6 +133,7 @@ def test_speech_export_ships_the_audio_vae_without_pickle(out):
     assert config["audio_frame_rate"] == 40.0 and config["latents_per_image"] is None
     assert (folder / "audio_vae.safetensors").is_file() and not (folder / "sigma_vae.json").exists()
     assert json.loads((folder / "audio_vae.json").read_text())["config"]["sample_rate"] == 16000
+    assert "model.generate_speech(" in (folder / "README.md").read_text()  # the model card shows the speech path
     for code in folder.glob("*.py"):
         assert "import latentlm_mcore" not in code.read_text() and "from latentlm_mcore" not in code.read_text(), code
     exported, original = load_hf(folder).load_audio_vae(), load_audio_vae(out / "audio_vae.pt")
