@@ -20,7 +20,7 @@ class LatentLMHFConfig(LlamaConfig):
                  eod_token_id: int | None = None, latent_token_id: int | None = None,
                  end_of_document_token_id: int | None = None, latents_per_image: int | None = None,
                  num_classes: int | None = None, null_class_token_id: int | None = None,
-                 cfg_scale: float | None = None, **kwargs):
+                 cfg_scale: float | None = None, audio_frame_rate: float | None = None, **kwargs):
         super().__init__(**kwargs)
         self.latent_dim = latent_dim
         self.head_hidden_size = head_hidden_size or self.hidden_size
@@ -37,3 +37,4 @@ class LatentLMHFConfig(LlamaConfig):
         self.num_classes = num_classes  # class-conditional models: class c is id c, for c < num_classes
         self.null_class_token_id = null_class_token_id  # the unconditional stream's class (label dropout's)
         self.cfg_scale = cfg_scale  # guidance the model's preset is sampled with
+        self.audio_frame_rate = audio_frame_rate  # speech models: latents per second of their audio σ-VAE

@@ -4,7 +4,8 @@ The folder holds: `config.json` (with `auto_map`), the remote code (our configur
 files and what they import, copied from this package with `latentlm_mcore...` imports made
 relative), sharded safetensors, the tokenizer (`tokenizer.json`, a fast BPE tokenizer with our special
 tokens at their ids), the σ-VAE (`sigma_vae.safetensors` + `sigma_vae.json` with the latent
-statistics), `generation_config.json` and a model card. Backbone names and layout are Llama's.
+statistics; a speech model's audio σ-VAE as `audio_vae.safetensors` + `audio_vae.json`),
+`generation_config.json` and a model card. Backbone names and layout are Llama's.
 
 Megatron -> Llama layout: `linear_qkv` is interleaved per query group ([groups, (heads_per_group + 2)
 * head_dim, hidden]: the group's queries, then its key, then its value); `linear_fc1` is [gate; up].
@@ -35,6 +36,8 @@ REMOTE_CODE = {
     "latentlm_mcore.vae.model": "sigma_vae_model.py",
     "latentlm_mcore.vae.config": "sigma_vae_config.py",
     "latentlm_mcore.vae.stats": "sigma_vae_stats.py",
+    "latentlm_mcore.vae.audio_model": "audio_vae_model.py",
+    "latentlm_mcore.vae.audio_config": "audio_vae_config.py",
 }
 AUTO_MAP = {"AutoConfig": "configuration_latentlm.LatentLMHFConfig",
             "AutoModelForCausalLM": "modeling_latentlm.LatentLMForCausalLM"}
@@ -157,20 +160,26 @@ def write_tokenizer(tokenizer, folder: str) -> None:
 
 
 def write_sigma_vae(vae, folder: str) -> None:
+    """The σ-VAE as safetensors + a JSON config (loaded without pickle): an image one, or a speech model's audio one."""
     from dataclasses import asdict
 
     from safetensors.torch import save_file
 
-    from latentlm_mcore.hf.modeling_latentlm import SIGMA_VAE_CONFIG, SIGMA_VAE_WEIGHTS
+    from latentlm_mcore.hf.modeling_latentlm import (AUDIO_VAE_CONFIG, AUDIO_VAE_WEIGHTS, SIGMA_VAE_CONFIG,
+                                                     SIGMA_VAE_WEIGHTS)
+    from latentlm_mcore.inference.tasks import is_audio_vae
 
+    config_name, weights_name = ((AUDIO_VAE_CONFIG, AUDIO_VAE_WEIGHTS) if is_audio_vae(vae)
+                                 else (SIGMA_VAE_CONFIG, SIGMA_VAE_WEIGHTS))
     weights = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
-    save_file(weights, os.path.join(folder, SIGMA_VAE_WEIGHTS))
+    save_file(weights, os.path.join(folder, weights_name))
     stats = vae.latent_stats.to_dict() if vae.latent_stats is not None else None
-    with open(os.path.join(folder, SIGMA_VAE_CONFIG), "w") as f:
+    with open(os.path.join(folder, config_name), "w") as f:
         json.dump({"config": asdict(vae.config), "latent_stats": stats}, f, indent=2)
 
 
-def write_model_card(folder: str, cfg, source: str, dtype: str, has_vae: bool, has_tokenizer: bool) -> None:
+def write_model_card(folder: str, cfg, source: str, dtype: str, has_vae: bool, has_tokenizer: bool,
+                     speech: bool = False) -> None:
     from latentlm_mcore.config import count_parameters
 
     params = count_parameters(cfg.model)
@@ -207,6 +216,19 @@ Or, from the latentlm_mcore repository:
 The text part alone also loads as a plain `LlamaForCausalLM` (the latent projection and diffusion head
 weights are then reported as unused).
 """
+    if speech:
+        card += """
+Text -> speech (this export's σ-VAE is an audio one):
+```python
+import soundfile as sf, torch
+vae = model.load_audio_vae()
+wav, rate = sf.read("voice.wav", dtype="float32")  # mono, at vae.config.sample_rate (resample it first otherwise)
+voice = vae.encode_scaled(torch.from_numpy(wav[: 3 * rate])[None])[0]  # its first 3 s
+sample = model.generate_speech([tok.encode("seven two", add_special_tokens=False)], [voice])[0]
+audio = vae.decode_scaled(sample.images[0][None])[0]  # sample.run_ends[0]: "eod" or "max"
+```
+Or `python tools/generate.py --hf <this folder> --task text-to-speech --prompt "..." --voice voice.wav --output out/`.
+"""
     Path(folder, "README.md").write_text(card)
 
 
@@ -241,17 +263,21 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
             raise ValueError(f"tokenizer {tokenizer} needs a vocabulary of {tok.vocab_size}, the model has "
                              f"{cfg.model.vocab_size}")
     if sigma_vae:
-        from latentlm_mcore.vae import load_sigma_vae
-        vae = load_sigma_vae(sigma_vae)
+        from latentlm_mcore.vae import load_vae
+        vae = load_vae(sigma_vae)  # image or audio, by the file's kind
         if vae.latent_stats is None:
             raise ValueError(f"σ-VAE {sigma_vae} has no latent statistics; the model's latents are scaled by them")
         if vae.config.latent_dim != cfg.model.latent_dim:
             raise ValueError(f"σ-VAE {sigma_vae} has latent_dim {vae.config.latent_dim}, the model "
                              f"{cfg.model.latent_dim}")
 
-    config = hf_config(cfg.model, tok.special_ids if tok else None, vae.config.num_latents if vae else None,
-                       torch_dtype)
+    from latentlm_mcore.inference.tasks import is_audio_vae
+
+    audio = is_audio_vae(vae)
+    config = hf_config(cfg.model, tok.special_ids if tok else None,
+                       vae.config.num_latents if vae is not None and not audio else None, torch_dtype)
     config.cfg_scale = cfg.cfg_scale
+    config.audio_frame_rate = vae.config.frame_rate if audio else None
     hf_model = LatentLMForCausalLM(config)
     hf_model.load_state_dict(megatron_to_hf_state_dict(model.state_dict(), cfg.model), strict=True)
     hf_model.to(torch_dtype)
@@ -268,7 +294,7 @@ def convert_checkpoint(checkpoint: str, output: str, iteration: int | None = Non
             write_tokenizer(tok, staging)
         if vae is not None:
             write_sigma_vae(vae, staging)
-        write_model_card(staging, cfg, directory, dtype, vae is not None, tok is not None)
+        write_model_card(staging, cfg, directory, dtype, vae is not None, tok is not None, speech=audio)
         for name in os.listdir(staging):
             os.chmod(os.path.join(staging, name), 0o644)
         os.chmod(staging, 0o755)  # mkdtemp made it private

@@ -5,7 +5,8 @@ export also loads as a plain `LlamaForCausalLM`. Latent positions take `latent_p
 their input embedding; `diffusion_head` generates the next latent from the last hidden state.
 
 `generate_mixed` runs the shared generation loop (`generation.py`) with a real KV cache
-(`transformers.DynamicCache`). `load_sigma_vae` reads the σ-VAE shipped in the folder.
+(`transformers.DynamicCache`), `generate_classes` class -> image, `generate_speech` text -> speech (a speech
+export). `load_sigma_vae` / `load_audio_vae` read the σ-VAE shipped in the folder.
 
 This file and the files it imports are copied into every exported folder by `hf/convert.py`
 (`write_remote_code`), which rewrites the `latentlm_mcore...` imports below into relative ones:
@@ -31,14 +32,18 @@ from latentlm_mcore.diffusion.samplers import ddpm_sample, dpm_solver_pp_sample 
 from latentlm_mcore.diffusion.schedule import cosine_alphas_cumprod
 from latentlm_mcore.hf.configuration_latentlm import LatentLMHFConfig
 from latentlm_mcore.inference.generation import (Decoder, RecomputeDecoder, Sample, SamplingConfig, SpecialTokens,
-                                                 class_prompts, generate)
+                                                 class_prompts, generate, speech_prompts)
 from latentlm_mcore.model.diffusion_head import DiffusionHead
+from latentlm_mcore.vae.audio_config import AudioVAEConfig
+from latentlm_mcore.vae.audio_model import AudioSigmaVAE
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.model import SigmaVAE
 from latentlm_mcore.vae.stats import LatentStats
 
 SIGMA_VAE_WEIGHTS = "sigma_vae.safetensors"
 SIGMA_VAE_CONFIG = "sigma_vae.json"  # {"config": SigmaVAEConfig fields, "latent_stats": {"mean", "std"}}
+AUDIO_VAE_WEIGHTS = "audio_vae.safetensors"  # a speech export's σ-VAE instead
+AUDIO_VAE_CONFIG = "audio_vae.json"  # {"config": AudioVAEConfig fields, "latent_stats": {"mean", "std"}}
 
 
 _LLAMA_FORWARD_ARGS = set(inspect.signature(LlamaModel.forward).parameters)
@@ -111,12 +116,13 @@ class LatentLMForCausalLM(LlamaPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------ mixed text / image generation
     def special_tokens(self) -> SpecialTokens:
         c = self.config
+        speech = getattr(c, "audio_frame_rate", None) is not None  # runs of any length: no latents_per_image
         missing = [k for k in ("bod_token_id", "eod_token_id", "latent_token_id", "end_of_document_token_id",
-                               "latents_per_image") if getattr(c, k) is None]
+                               *(() if speech else ("latents_per_image",))) if getattr(c, k) is None]
         if missing:
             raise ValueError(f"config.json lacks {missing}: this export cannot generate mixed sequences")
         return SpecialTokens(c.bod_token_id, c.eod_token_id, c.latent_token_id, c.end_of_document_token_id,
-                             c.latents_per_image)
+                             c.latents_per_image or 0)
 
     def decoder(self, use_cache: bool = True) -> Decoder:
         """The generation backend: KV-cached, or recomputing the whole prefix at every step."""
@@ -157,6 +163,30 @@ class LatentLMForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         return generate(self.decoder(use_cache), prompts, special, SamplingConfig(**sampling),
                         uncond_prompts=uncond, progress=progress)
 
+    @torch.no_grad()
+    def generate_speech(self, texts, voices, max_seconds: float = 20.0, use_cache: bool = True,
+                        progress: bool = True, **sampling) -> list[Sample]:
+        """Text -> speech (speech exports: config.audio_frame_rate). `texts`: token ids per utterance;
+        `voices`: the voice prompts as scaled latents [n, latent_dim], one per text, e.g.
+        `vae.encode_scaled(wav[None])[0]` of a mono waveform at `vae.config.sample_rate` (first 3 s, as in
+        training). Each run ends when the LM head prefers <EOD> over <LATENT> at its last latent, or after
+        `max_seconds`; guidance's unconditional stream is the voice prompt without the text, in the same batch.
+        Defaults: the paper's 5 head steps and CFG 4 (§3.3). `sample.images[0]` is the run, `run_ends[0]` why
+        it ended; decode with `vae.decode_scaled(z[None])`."""
+        c, special = self.config, self.special_tokens()
+        if getattr(c, "audio_frame_rate", None) is None:
+            raise ValueError("config.json has no audio_frame_rate: this export is not a speech model")
+        prompts, uncond = speech_prompts(texts, voices, special)
+        limit = sampling.pop("max_run_latents", None) or max(1, int(max_seconds * c.audio_frame_rate))
+        sampling = {"cfg_scale": c.cfg_scale or 4.0, "diffusion_steps": 5, **sampling, "max_run_latents": limit,
+                    "stop_after_images": 1, "max_new_tokens": limit + 1}
+        return generate(self.decoder(use_cache), prompts, special, SamplingConfig(**sampling),
+                        uncond_prompts=uncond, progress=progress)
+
+    def load_audio_vae(self, folder: Optional[str] = None) -> AudioSigmaVAE:
+        """The audio σ-VAE exported next to a speech model (eval mode, `.latent_stats` set)."""
+        return load_audio_vae(folder or self.config._name_or_path)
+
     def load_sigma_vae(self, folder: Optional[str] = None) -> SigmaVAE:
         """The σ-VAE exported next to this model (eval mode, `.latent_stats` set)."""
         return load_sigma_vae(folder or self.config._name_or_path)
@@ -185,15 +215,24 @@ class KVCacheDecoder(Decoder):
 
 
 def load_sigma_vae(folder: str) -> SigmaVAE:
-    config_path, weights_path = os.path.join(folder, SIGMA_VAE_CONFIG), os.path.join(folder, SIGMA_VAE_WEIGHTS)
+    return _load_vae(folder, SIGMA_VAE_CONFIG, SIGMA_VAE_WEIGHTS, SigmaVAE, SigmaVAEConfig, "pixels")
+
+
+def load_audio_vae(folder: str) -> AudioSigmaVAE:
+    return _load_vae(folder, AUDIO_VAE_CONFIG, AUDIO_VAE_WEIGHTS, AudioSigmaVAE, AudioVAEConfig, "audio")
+
+
+def _load_vae(folder, config_name, weights_name, model_class, config_class, output):
+    config_path, weights_path = os.path.join(folder, config_name), os.path.join(folder, weights_name)
     for path in (config_path, weights_path):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: missing; this folder ships no σ-VAE, so latents cannot become pixels")
+            raise FileNotFoundError(f"{path}: missing; this folder ships no such σ-VAE, so latents cannot become "
+                                    f"{output}")
     from safetensors.torch import load_file
 
     with open(config_path) as f:
         meta = json.load(f)
-    vae = SigmaVAE(SigmaVAEConfig.from_dict(meta["config"]))
+    vae = model_class(config_class.from_dict(meta["config"]))
     vae.load_state_dict(load_file(weights_path))
     vae.latent_stats = LatentStats.from_dict(meta["latent_stats"]) if meta.get("latent_stats") else None
     return vae.eval()

@@ -4,7 +4,9 @@ One loop for every backend. Text positions sample the next token from the LM hea
 temperature, top-p). After `<BOD>` each next latent comes from the diffusion head conditioned on the
 current hidden state (DPM-Solver++, classifier-free guidance with the conditional and unconditional
 streams stacked in one batch), and is fed back as the next input; after `latents_per_image` latents
-`<EOD>` is forced and text resumes.
+`<EOD>` is forced and text resumes. Speech runs have no fixed length (`SamplingConfig.max_run_latents`):
+a run ends when the LM head at its last latent prefers `<EOD>` over `<LATENT>` (what the speech data
+trains it to say there), or after `max_run_latents` latents.
 
 A backend is a `Decoder`: `step()` feeds new positions and returns the last position's logits and
 hidden state. KV-cached decoders (transformers' DynamicCache in the HF export, megatron's
@@ -48,13 +50,17 @@ class SamplingConfig:
     cfg_scale: float = 1.0  # classifier-free guidance of latents; 1 = off (no unconditional stream)
     diffusion_steps: int = 20
     seed: int = 0
-    stop_after_images: int | None = None  # a row stops once it has closed this many images
+    stop_after_images: int | None = None  # a row stops once it has closed this many latent runs
+    # None: every latent run is an image of exactly `latents_per_image` latents. Set (speech): a run ends when
+    # the LM head at its last latent prefers <EOD> over <LATENT> (argmax over the two), or at this many latents
+    max_run_latents: int | None = None
 
 
 @dataclass
 class Sample:
     tokens: list[int] = field(default_factory=list)  # generated ids, the latent placeholder at latent positions
-    images: list[torch.Tensor] = field(default_factory=list)  # each [latents_per_image, latent_dim], scaled
+    images: list[torch.Tensor] = field(default_factory=list)  # each closed latent run [n, latent_dim], scaled
+    run_ends: list[str] = field(default_factory=list)  # per closed run: "eod" (the LM head chose <EOD>) or "max"
 
 
 class Decoder:
@@ -131,6 +137,20 @@ def class_prompts(labels: Sequence[int], special: SpecialTokens, num_classes: in
     return [[int(c), special.bod] for c in labels], [[null_class, special.bod] for _ in labels]
 
 
+def speech_prompts(texts: Sequence[Sequence[int]], voices: Sequence[torch.Tensor], special: SpecialTokens):
+    """Prompts of text-to-speech in the speech documents' layout (data/schema.py): `<END_OF_DOCUMENT> <BOD>
+    voice latents <EOD> text ids <BOD>`, and for guidance's unconditional stream in the same batch the same
+    without the text (what condition dropout trains)."""
+    if len(texts) != len(voices):
+        raise ValueError(f"{len(texts)} texts but {len(voices)} voice prompts; give one voice per text")
+    for i, voice in enumerate(voices):
+        if voice.dim() != 2 or voice.shape[0] == 0:
+            raise ValueError(f"voice prompt {i} must be latents [n > 0, latent_dim], got {tuple(voice.shape)}")
+    head = [[special.end_of_document, special.bod, voice, special.eod] for voice in voices]
+    return ([[*h, *map(int, ids), special.bod] for h, ids in zip(head, texts)],
+            [[*h, special.bod] for h in head])
+
+
 @torch.no_grad()
 def generate(decoder: Decoder, prompts: Sequence[Prompt], special: SpecialTokens, config: SamplingConfig,
              uncond_prompts: Sequence[Prompt] | None = None, progress: bool = True) -> list[Sample]:
@@ -153,8 +173,9 @@ def generate(decoder: Decoder, prompts: Sequence[Prompt], special: SpecialTokens
     for _ in tqdm(range(config.max_new_tokens), desc="generating", disable=not progress, leave=False):
         # fixed draw order: latent noise for every row, then the text sample for every row
         noise = torch.randn(batch, decoder.latent_dim, generator=generator)
-        image_rows = [i for i in range(batch) if not done[i] and latents_done[i] is not None
-                      and latents_done[i] < special.latents_per_image]
+        run_end = [_run_end(logits[i], latents_done[i], special, config) if not done[i] else None
+                   for i in range(batch)]  # None: text mode, or one more latent
+        image_rows = [i for i in range(batch) if not done[i] and latents_done[i] is not None and run_end[i] is None]
         new_latents = torch.zeros(batch, decoder.latent_dim)
         if image_rows:
             cond_hidden = hidden[image_rows]
@@ -174,13 +195,14 @@ def generate(decoder: Decoder, prompts: Sequence[Prompt], special: SpecialTokens
                 step_ids.append(special.end_of_document)
                 step_is_latent.append(False)
                 continue
-            if latents_done[i] is not None and latents_done[i] < special.latents_per_image:
+            if latents_done[i] is not None and run_end[i] is None:
                 token = special.latent
                 current[i].append(new_latents[i])
                 latents_done[i] += 1
-            elif latents_done[i] is not None:  # the image is complete: close it
+            elif latents_done[i] is not None:  # the run is complete: close it
                 token = special.eod
                 samples[i].images.append(torch.stack(current[i]))
+                samples[i].run_ends.append(run_end[i])
                 current[i], latents_done[i] = [], None
             else:
                 token = int(tokens[i])
@@ -201,6 +223,21 @@ def generate(decoder: Decoder, prompts: Sequence[Prompt], special: SpecialTokens
         attention = torch.cat([attention, torch.ones(len(rows), 1, dtype=attention.dtype)], dim=1)
         logits, hidden = decoder.step(step_ids[:, None], new_latents[:, None], step_mask[:, None], attention)
     return samples
+
+
+def _run_end(logits: torch.Tensor, latents_done: int | None, special: SpecialTokens,
+             config: SamplingConfig) -> str | None:
+    """Whether an open latent run closes now: "max" (its length limit), "eod" (a speech run whose last
+    latent's LM head prefers <EOD> over <LATENT>), or None (one more latent; also: not in a run)."""
+    if latents_done is None:
+        return None
+    if config.max_run_latents is None:
+        return "max" if latents_done >= special.latents_per_image else None
+    if latents_done >= config.max_run_latents:
+        return "max"
+    if latents_done > 0 and logits[special.eod] > logits[special.latent]:
+        return "eod"
+    return None
 
 
 def sample_tokens(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator,

@@ -58,6 +58,19 @@ def save_checkpoint(model, cfg, directory, provenance):
     dist.barrier()
 
 
+def set_speech_stop_rows(model, tok):
+    """Make the speech stop (<EOD> vs <LATENT> at a latent) a coin flip on the hidden state: the two output rows
+    are a shared random row and that row plus a small random one, so their difference is a random direction
+    (an untrained model otherwise prefers one of them everywhere). Each TP rank writes the rows it holds."""
+    weight = model.output_layer.weight  # vocab-parallel: this rank's rows
+    start = ps.get_tensor_model_parallel_rank() * weight.shape[0]
+    g = torch.Generator().manual_seed(9)
+    base, delta = torch.randn(2, weight.shape[1], generator=g) * 0.05
+    for token, row in ((tok.latent_id, base), (tok.eod_id, base + delta)):
+        if start <= token < start + weight.shape[0]:
+            weight[token - start] = row
+
+
 def phase_save(args, tok):
     cfg = LatentLMConfig(name="test-tiny", model=model_config(tok.vocab_size),
                          parallel=ParallelConfig(tensor_parallel=2))
@@ -68,6 +81,8 @@ def phase_save(args, tok):
         g = torch.Generator().manual_seed(5)  # same draws on every TP rank: the head stays replicated
         for p in model.diffusion_head.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
+        if args.speech:
+            set_speech_stop_rows(model, tok)
     save_checkpoint(model, cfg, os.path.join(args.out, "ckpt_tp2"),
                     Provenance(tokenizer=args.tokenizer, sigma_vae_sha256=sha256_file(args.sigma_vae),
                                sigma_vae_path=args.sigma_vae))
@@ -129,6 +144,7 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--tokenizer", required=True)
     parser.add_argument("--sigma-vae", required=True)
+    parser.add_argument("--speech", action="store_true", help="save: output rows for a speech stop that varies")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tok = TiktokenTokenizer(args.tokenizer)

@@ -109,3 +109,52 @@ def test_sample_tokens_greedy_top_p_and_banned():
     assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.08
     draws = torch.cat([sample_tokens(logits, SamplingConfig(), g) for _ in range(400)])
     assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+class SpeechDecoder(ScriptedDecoder):
+    """The LM head prefers <LATENT> over <EOD> until a row has been fed `stop_after[row]` latents after
+    the prompt (None: never); text logits favour token 3 throughout."""
+
+    def __init__(self, stop_after):
+        super().__init__(next_token=3)
+        self.stop_after = stop_after
+
+    def step(self, input_ids, latents, latent_mask, attention_mask):
+        logits, hidden = super().step(input_ids, latents, latent_mask, attention_mask)
+        fed = torch.stack([m for _, _, m, _ in self.fed[1:]], dim=1).sum((1, 2)) if len(self.fed) > 1 else None
+        for row in range(len(input_ids)):
+            stop = self.stop_after[row % len(self.stop_after)]
+            count = 0 if fed is None else int(fed[row])
+            logits[row, SPECIAL.latent], logits[row, SPECIAL.eod] = (1.0, 2.0) if stop is not None and \
+                count >= stop else (2.0, 1.0)
+        return logits, hidden
+
+
+def test_speech_runs_stop_where_the_lm_head_prefers_eod_or_at_the_max():
+    from latentlm_mcore.inference.generation import speech_prompts
+
+    voices = [torch.randn(2, D), torch.randn(3, D), torch.randn(1, D)]
+    prompts, uncond = speech_prompts([[1, 2], [4], [5, 6, 7]], voices, SPECIAL)
+    assert prompts[0][:4] == [SPECIAL.end_of_document, SPECIAL.bod, voices[0], SPECIAL.eod]
+    assert prompts[0][4:] == [1, 2, SPECIAL.bod] and uncond[0][4:] == [SPECIAL.bod]  # no text: guidance's stream
+    decoder = SpeechDecoder(stop_after=[2, None, 5])
+    sampling = SamplingConfig(cfg_scale=4.0, stop_after_images=1, max_run_latents=4, max_new_tokens=20)
+    samples = generate(decoder, prompts, SPECIAL, sampling, uncond_prompts=uncond, progress=False)
+    lat, eod = SPECIAL.latent, SPECIAL.eod
+    assert samples[0].tokens == [lat, lat, eod] and samples[0].run_ends == ["eod"]  # prefers <EOD> after 2
+    assert samples[1].tokens == [lat] * 4 + [eod] and samples[1].run_ends == ["max"]  # never: the max of 4
+    assert samples[2].tokens == [lat] * 4 + [eod] and samples[2].run_ends == ["max"]  # would stop at 5: max first
+    assert [s.images[0].shape[0] for s in samples] == [2, 4, 4]
+    # a row that stopped is fed no more latents while the others continue; the unconditional twins follow
+    for ids, latents, latent_mask, _ in decoder.fed[1:]:
+        assert torch.equal(latent_mask[:3], latent_mask[3:])
+    assert [bool(m[0, 0]) for _, _, m, _ in decoder.fed[1:]] == [True, True, False, False]
+    assert len(decoder.fed) == 5  # prefill + 4 latents; then every row closes its run
+
+
+def test_the_first_latent_of_a_speech_run_is_always_generated():
+    decoder = SpeechDecoder(stop_after=[0])  # prefers <EOD> from the start, even at <BOD>
+    prompt = [SPECIAL.end_of_document, SPECIAL.bod, torch.randn(2, D), SPECIAL.eod, 1, SPECIAL.bod]
+    sample = generate(decoder, [prompt], SPECIAL, SamplingConfig(stop_after_images=1, max_run_latents=6),
+                      progress=False)[0]
+    assert sample.tokens == [SPECIAL.latent, SPECIAL.eod] and sample.run_ends == ["eod"]
