@@ -197,16 +197,6 @@ def part_name(shard_index: int, num_shards: int) -> str:
     return f"part-{shard_index:05d}-of-{num_shards:05d}"
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(dataset_root: str) -> dict:
     with open(os.path.join(dataset_root, MANIFEST_NAME)) as f:
         return json.load(f)

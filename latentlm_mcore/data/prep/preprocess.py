@@ -34,6 +34,7 @@ from latentlm_mcore.data.images import center_crop
 from latentlm_mcore.data.schema import RejectedDocument
 from latentlm_mcore.data.streaming_compat import import_streaming
 from latentlm_mcore.data.tokenizer import load_tokenizer, sha256_file
+from latentlm_mcore.runtime.files import atomic_write, write_json_atomic
 
 
 @dataclass
@@ -297,7 +298,7 @@ def _write_part(cfg: PreprocessConfig) -> dict:
         "documents_rejected": dict(rejected),
         "seconds": time.perf_counter() - start,
     }
-    schema.write_json_atomic(manifest_path, manifest)  # last: marks the part finished
+    write_json_atomic(manifest_path, manifest)  # last: marks the part finished
     return manifest
 
 
@@ -312,10 +313,8 @@ def write_layout(folder: str, lengths, run_counts, runs) -> None:
     arrays = (np.asarray(lengths, np.int32), np.asarray(run_counts, np.int32),
               np.asarray(runs, np.int32).reshape(-1, 2))
     for fname, array in zip(LAYOUT_FILES, arrays):
-        tmp = os.path.join(folder, fname + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_write(os.path.join(folder, fname), "wb") as f:
             np.save(f, array)
-        os.replace(tmp, os.path.join(folder, fname))
 
 
 def read_layout(folder: str, mmap: bool = True):
@@ -367,7 +366,7 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
                             shard[key]["basename"] = f"{p['part']}/{shard[key]['basename']}"
                     shards.append(shard)
         if shards:
-            schema.write_json_atomic(os.path.join(output, source, "index.json"), {"version": 2, "shards": shards})
+            write_json_atomic(os.path.join(output, source, "index.json"), {"version": 2, "shards": shards})
             if all(layout is not None for layout in layouts):  # parts written before the index have none
                 write_layout(os.path.join(output, source), np.concatenate([lay[0] for lay in layouts]),
                              np.concatenate([np.diff(lay[1]) for lay in layouts]),
@@ -408,5 +407,5 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
         "documents_rejected": total("documents_rejected"),
         "num_parts": num_shards,
     }
-    schema.write_json_atomic(os.path.join(output, schema.MANIFEST_NAME), manifest)
+    write_json_atomic(os.path.join(output, schema.MANIFEST_NAME), manifest)
     return manifest
