@@ -377,7 +377,7 @@ def merge_parts(output: str, num_shards: int, normalisation: str = "global") -> 
     if first["vae_latent_stats"] is not None:
         latent_stats = dict(first["vae_latent_stats"], **{"from": "vae_checkpoint"})
     elif count:
-        from latentlm_mcore.vae.stats import stats_from_moments
+        from latentlm_mcore.vae import stats_from_moments
 
         s = np.sum([p["latent_moments"]["sum"] for p in parts], axis=0)
         ss = np.sum([p["latent_moments"]["sumsq"] for p in parts], axis=0)
