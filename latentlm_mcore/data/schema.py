@@ -30,7 +30,7 @@ Output folder of preprocessing:
                                          in sample order (the loader lays out sequences from them)
     <out>/parts/part-XXXXX-of-YYYYY.json  a finished task's manifest (its presence = the part is done)
     <out>/parts/part-XXXXX-of-YYYYY.rejects.jsonl  one line per skipped document: id, reason, detail
-    <out>/manifest.json                  merged manifest (see `prep.preprocess.merge_parts`)
+    <out>/manifest.json                  merged manifest (see `prep.merge.merge_parts`)
 """
 
 from __future__ import annotations
