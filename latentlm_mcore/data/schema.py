@@ -47,7 +47,7 @@ Output folder of preprocessing:
                                          in sample order (the loader lays out sequences from them)
     <out>/parts/part-XXXXX-of-YYYYY.json  a finished task's manifest (its presence = the part is done)
     <out>/parts/part-XXXXX-of-YYYYY.rejects.jsonl  one line per skipped document: id, reason, detail
-    <out>/manifest.json                  merged manifest (see `prep.preprocess.merge_parts`)
+    <out>/manifest.json                  merged manifest (see `prep.merge.merge_parts`)
 """
 
 from __future__ import annotations
@@ -255,16 +255,6 @@ def decode_latents(data: bytes, latent_dim: int):
 
 def part_name(shard_index: int, num_shards: int) -> str:
     return f"part-{shard_index:05d}-of-{num_shards:05d}"
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON so that a crash leaves either the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_manifest(dataset_root: str) -> dict:

@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from latentlm_mcore.data.prep.convert import write_jsonl
+from latentlm_mcore.runtime.files import atomic_write, write_json_atomic
+
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "heldout")
 COMPLETE_MARKER = "corpus.json"
@@ -85,9 +88,8 @@ def write_digit_images(images: np.ndarray, folder: str) -> list[str]:
         name = f"{i:04d}.png"
         path = os.path.join(folder, name)
         if not os.path.exists(path):
-            tmp = path + ".tmp.png"
-            Image.fromarray(img, mode="L").convert("RGB").save(tmp)
-            os.replace(tmp, path)
+            with atomic_write(path, "wb") as f:
+                Image.fromarray(img, mode="L").convert("RGB").save(f, format="PNG")
         names.append(f"{os.path.basename(folder)}/{name}")
     return names
 
@@ -260,12 +262,12 @@ def build_demo_corpus(cfg: DemoCorpusConfig) -> dict:
             "interleaved": interleaved_documents(paths, labels, digit_split[split], paragraphs, count, cfg, split),
         }
     for split, indices in digit_split.items():
-        _write_jsonl(os.path.join(cfg.out, "images", f"{split}.jsonl"), [{"image": paths[i]} for i in indices])
+        write_jsonl([{"image": paths[i]} for i in indices], os.path.join(cfg.out, "images", f"{split}.jsonl"))
     counts = {}
     for split, by_source in documents.items():
         os.makedirs(os.path.join(cfg.out, split), exist_ok=True)
         for source, docs in by_source.items():
-            _write_jsonl(os.path.join(cfg.out, split, f"{source}.jsonl"), docs)
+            write_jsonl(docs, os.path.join(cfg.out, split, f"{source}.jsonl"))
             counts[f"{split}/{source}"] = len(docs)
     summary = {
         "config": _config_dict(cfg),
@@ -274,10 +276,7 @@ def build_demo_corpus(cfg: DemoCorpusConfig) -> dict:
         "text_characters": {split: sum(len(d["segments"][0]["text"]) for d in text[split]) for split in SPLITS},
         "image_root": "images",
     }
-    tmp = marker + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp, marker)
+    write_json_atomic(marker, summary, indent=2)
     return summary
 
 
@@ -286,11 +285,3 @@ def _config_dict(cfg: DemoCorpusConfig) -> dict:
     d.pop("out")
     d["digits_per_interleaved"] = list(d["digits_per_interleaved"])
     return d
-
-
-def _write_jsonl(path: str, docs: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

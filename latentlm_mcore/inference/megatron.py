@@ -15,6 +15,7 @@ import torch
 
 from latentlm_mcore.config import ParallelConfig
 from latentlm_mcore.inference.generation import Decoder, RecomputeDecoder
+from latentlm_mcore.runtime.ranks import become_world_of_one
 
 
 def init_single_process() -> None:
@@ -22,8 +23,7 @@ def init_single_process() -> None:
     from latentlm_mcore.training.distributed import init_distributed
 
     if not torch.distributed.is_initialized():
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
-            os.environ.pop(key, None)  # a world of one, whatever launched us
+        become_world_of_one()
     elif torch.distributed.get_world_size() != 1:
         raise RuntimeError("loading for inference needs a world of one process; run it outside torchrun")
     init_distributed(ParallelConfig(), seed=0)

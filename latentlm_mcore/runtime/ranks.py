@@ -1,5 +1,6 @@
 """This process's rank, world size and local rank under torchrun or srun, without importing megatron
-(the σ-VAE trainer uses it too)."""
+(the σ-VAE trainer uses it too). The one library module that edits `os.environ`: the rank variables under
+srun, the default rendezvous address, and forgetting the launcher for a world of one."""
 from __future__ import annotations
 
 import os
@@ -31,3 +32,17 @@ def rank_and_world_from_env() -> tuple[int, int, int]:
                           LOCAL_WORLD_SIZE=str(local_world))
         return rank, world, local_rank
     return 0, 1, 0
+
+
+def default_rendezvous() -> None:
+    """MASTER_ADDR/MASTER_PORT for torch's env:// rendezvous where the launcher set none (a one-node run
+    started without torchrun); the sbatch scripts export them from the job's node list."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def become_world_of_one() -> None:
+    """Forget the launcher's rank variables, so this process starts a world of one (inference inside a
+    torchrun/srun job step, before any process group exists)."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID"):
+        os.environ.pop(key, None)

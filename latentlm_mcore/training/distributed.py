@@ -1,7 +1,6 @@
 """Process group and megatron parallel-state setup, on GPU (NCCL) or CPU (gloo)."""
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import torch
@@ -10,7 +9,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from latentlm_mcore.compat import enable_cpu_fallbacks, mend_distributed_optimizer_torch_adam
 from latentlm_mcore.config import ParallelConfig
-from latentlm_mcore.runtime.ranks import rank_and_world_from_env
+from latentlm_mcore.runtime.ranks import default_rendezvous, rank_and_world_from_env
 
 
 def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes: int = 30) -> None:
@@ -24,8 +23,7 @@ def init_distributed(parallel: ParallelConfig, seed: int = 1234, timeout_minutes
     mend_distributed_optimizer_torch_adam()
     if not dist.is_initialized():
         rank, world, local_rank = rank_and_world_from_env()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        default_rendezvous()
         if on_gpu:  # a site that binds one GPU per task shows each task one device, whatever its local rank
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         # a world of one needs no rendezvous: an in-memory store avoids racing for a TCP port

@@ -1,8 +1,10 @@
-"""σ-VAE tokenizers (paper §2.3): continuous data -> latent vectors that the language model predicts."""
+"""σ-VAE tokenizers (paper §2.3): continuous data -> latent vectors that the language model predicts.
+
+These names are the encoder interface `latentlm_mcore.data` may use (tests/test_imports.py keeps it so)."""
 
 from latentlm_mcore.vae.config import SIGMA_VAE_PRESETS, SigmaVAEConfig
 from latentlm_mcore.vae.model import SigmaVAE, load_sigma_vae, sample_sigma_latents, save_sigma_vae
-from latentlm_mcore.vae.stats import LatentStats, compute_latent_stats
+from latentlm_mcore.vae.stats import LatentStats, compute_latent_stats, stats_from_moments
 
 
 def load_vae(path, map_location="cpu"):
@@ -21,4 +23,4 @@ def load_vae(path, map_location="cpu"):
     return (load_audio_vae if kind == AUDIO_VAE_KIND else load_sigma_vae)(path, map_location)
 
 __all__ = ["SigmaVAEConfig", "SIGMA_VAE_PRESETS", "SigmaVAE", "LatentStats", "compute_latent_stats",
-           "save_sigma_vae", "load_sigma_vae", "load_vae", "sample_sigma_latents"]
+           "save_sigma_vae", "load_sigma_vae", "load_vae", "sample_sigma_latents", "stats_from_moments"]

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentlm_mcore.runtime.files import atomic_torch_save
 from latentlm_mcore.vae.audio_config import AudioVAEConfig
 from latentlm_mcore.vae.model import sample_sigma_latents
 from latentlm_mcore.vae.stats import LatentStats, stats_from_moments
@@ -190,11 +191,7 @@ def save_audio_vae(path, vae: AudioSigmaVAE, latent_stats: LatentStats | None = 
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         "latent_stats": stats.to_dict() if stats is not None else None,
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    atomic_torch_save(payload, path)  # readers see the old file or the new one, never half of one
 
 
 def load_audio_vae(path, map_location="cpu") -> AudioSigmaVAE:

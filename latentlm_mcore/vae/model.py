@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from latentlm_mcore.runtime.files import atomic_torch_save
 from latentlm_mcore.vae.config import SigmaVAEConfig
 from latentlm_mcore.vae.stats import LatentStats
 
@@ -154,12 +155,7 @@ def save_sigma_vae(path, vae: SigmaVAE, latent_stats: LatentStats | None = None)
         "state_dict": {k: v.detach().cpu() for k, v in vae.state_dict().items()},
         "latent_stats": stats.to_dict() if stats is not None else None,
     }
-    # Not runtime/files.atomic_torch_save: an exported HF folder ships this file alone, self-contained.
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    atomic_torch_save(payload, path)  # readers see the old file or the new one, never half of one
 
 
 def load_sigma_vae(path, map_location="cpu") -> SigmaVAE:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 PROBE = """
 import warnings
 from latentlm_mcore.runtime.logs import install_warning_filters
@@ -31,6 +33,7 @@ def _stderr(tmp_path, **env) -> str:
     return run.stderr
 
 
+@pytest.mark.slow  # over ~10 s (fast-tier measurement, 2026-12-04)
 def test_benign_library_warnings_hidden_or_once_and_ours_kept(tmp_path):
     quiet = _stderr(tmp_path)
     assert "Apex is not installed" not in quiet

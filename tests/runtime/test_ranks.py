@@ -21,3 +21,24 @@ def test_slurm_variables_become_torchrun_variables(monkeypatch):
     import os
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"], os.environ["LOCAL_WORLD_SIZE"]) == \
         ("5", "8", "1", "4")
+
+
+def test_default_rendezvous_keeps_what_the_launcher_set(monkeypatch):
+    import os
+
+    from latentlm_mcore.runtime.ranks import default_rendezvous
+
+    monkeypatch.setenv("MASTER_ADDR", "node7")
+    monkeypatch.setenv("MASTER_PORT", "")
+    monkeypatch.delenv("MASTER_PORT")
+    default_rendezvous()
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("node7", "29500")
+
+
+def test_become_world_of_one_forgets_the_launcher(monkeypatch):
+    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "3"}.items():
+        monkeypatch.setenv(k, v)
+    from latentlm_mcore.runtime.ranks import become_world_of_one
+
+    become_world_of_one()
+    assert rank_and_world_from_env() == (0, 1, 0)

@@ -137,7 +137,7 @@ class StreamMixture:
         self.ids = SpecialIds.from_manifest(self.manifest)
         self.latent_dim = dim
         # each document's length and image runs (preprocessing's layout index), where the dataset has one
-        from latentlm_mcore.data.prep.preprocess import read_layout
+        from latentlm_mcore.data.prep.merge import read_layout
 
         self.layouts = {s: read_layout(os.path.join(root_of[s], s)) if "://" not in root_of[s] else None
                         for s in self.sources}

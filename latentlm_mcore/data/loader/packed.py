@@ -164,7 +164,7 @@ class SequenceBuilder:
                              f"loader drew σ-VAE samples): add the σ-VAE file's config.c_sigma there, or train on μ "
                              f"with sample_latents off")
         if self.sample_latents and len(mu) and m.c_sigma > 0:
-            from latentlm_mcore.vae.model import sample_sigma_latents
+            from latentlm_mcore.vae import sample_sigma_latents
 
             self.generator.manual_seed(_seed(m.cfg.seed, 3, doc.index))
             if doc.source == schema.SPEECH_SOURCE:  # runs of any length: one σ per run, drawn in order

@@ -24,6 +24,8 @@ import tarfile
 from collections import Counter
 from typing import Iterator
 
+from latentlm_mcore.runtime.files import atomic_write
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -37,22 +39,18 @@ def _store_image(data: bytes, image_root: str, subdir: str, name: str) -> str:
     """Write image bytes under image_root/subdir; return the path relative to image_root."""
     rel = os.path.join(_safe_name(subdir), _safe_name(name))
     full = os.path.join(image_root, rel)
-    os.makedirs(os.path.dirname(full), exist_ok=True)
-    tmp = full + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(full, "wb") as f:
         f.write(data)
-    os.replace(tmp, full)
     return rel
 
 
 def write_jsonl(documents, path: str) -> int:
     """Write documents atomically (a crash leaves no half file); return how many."""
-    tmp, n = path + ".tmp", 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    n = 0
+    with atomic_write(path) as f:
         for doc in documents:
             f.write(json.dumps(doc, ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)
     return n
 
 

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from latentlm_mcore.data import schema
 from latentlm_mcore.data.loader.mixture import MixtureConfig, StreamMixture
@@ -11,6 +12,7 @@ from latentlm_mcore.data.loader.packed import DocumentReader, LoaderConfig, Pack
 from latentlm_mcore.data.prep.preprocess import PreprocessConfig, merge_parts, preprocess_part
 
 
+@pytest.mark.slow  # over ~10 s (fast-tier measurement, 2026-12-04)
 def test_label_dropout_and_flip_are_drawn_per_document(tmp_path, image_root, vae_checkpoint, cache_dir):
     root, names = image_root
     raw = tmp_path / "raw.jsonl"

@@ -33,6 +33,7 @@ def assert_same(a, b):
             assert torch.equal(x[name], y[name]), name
 
 
+@pytest.mark.slow  # over ~10 s (fast-tier measurement, 2026-12-04)
 def test_round_trip_raw_to_packed(dataset, raw_documents, image_root, vae_checkpoint, cache_dir):
     from latentlm_mcore.vae import load_sigma_vae
 

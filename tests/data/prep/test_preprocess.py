@@ -81,6 +81,7 @@ def hostile(tmp_path, image_root):
     return raw, root, good, bad
 
 
+@pytest.mark.slow  # over ~10 s (fast-tier measurement, 2026-12-04)
 def test_hostile_input_through_the_cli_job_array(hostile, vae_checkpoint, tmp_path):
     raw, root, good, bad = hostile
     out = tmp_path / "out"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from latentlm_mcore.data import schema
 
@@ -62,6 +63,7 @@ def _launcher_env(slurm_cluster, tmp_path, **changes):
     return env
 
 
+@pytest.mark.slow  # over ~10 s (fast-tier measurement, 2026-12-04)
 def test_launcher_array_then_dependent_merge_on_real_slurm(slurm_cluster, tmp_path, image_root, vae_checkpoint):
     root, names = image_root
     raw = tmp_path / "raw"
@@ -113,6 +115,7 @@ def test_launcher_array_then_dependent_merge_on_real_slurm(slurm_cluster, tmp_pa
         assert sum(s["samples"] for s in index["shards"]) == n
 
 
+@pytest.mark.slow  # over ~10 s (fast-tier measurement, 2026-12-04)
 def test_failed_part_cancels_the_merge_instead_of_leaving_it_pending(slurm_cluster, tmp_path, image_root):
     """afterok can never be met once a task failed; without --kill-on-invalid-dep the merge would sit in the
     queue for ever (DependencyNeverSatisfied)."""
