@@ -80,7 +80,7 @@ class FIDEvaluation(TrainerCallback):
         from latentlm_mcore.inference.tasks import Generator
         from latentlm_mcore.training.provenance import Provenance, resolve_sigma_vae
         from latentlm_mcore.training.step import compute_device
-        from latentlm_mcore.vae import load_sigma_vae
+        from latentlm_mcore.vae import LatentStats, load_sigma_vae
 
         manifest = trainer.data.manifest if trainer.data is not None else None
         if manifest is None:
@@ -92,6 +92,11 @@ class FIDEvaluation(TrainerCallback):
             raise ValueError(f"--eval-fid-every: class-to-image samples need a class-conditional run (data "
                              f"preprocessed with --tokenizer classes:N); {self.run.data} uses {provenance.tokenizer}")
         vae = load_sigma_vae(resolve_sigma_vae(provenance, self.run.save))
+        if provenance.latent_stats is not None:  # the scaling the dataset's latents were stored with
+            vae.latent_stats = LatentStats.from_dict(provenance.latent_stats)
+        if vae.latent_stats is None:
+            raise ValueError(f"--eval-fid-every: {self.run.data} and its σ-VAE record no latent statistics, "
+                             "which unscale the model's latents for decoding")
         if self.run.fid_use_ema:
             (self.ema,) = [c for c in trainer.callbacks if c.name == "ema"]
         self.num_classes = tokenizer.num_classes
