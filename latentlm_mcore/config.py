@@ -113,6 +113,12 @@ class RunConfig:
     wandb_project: str | None = None  # wandb logging; offline unless WANDB_MODE / WANDB_API_KEY say otherwise
     tensorboard: bool = True
     peak_tflops: float | None = None  # per device, for MFU; default: looked up from the GPU name
+    # periodic FID of class-to-image samples from the live model (training/fid_hook.py); 0 = off
+    eval_fid_every: int = 0
+    fid_reference: str | None = None  # reference statistics (.npz with mu/sigma: tools/evaluate_images.py's or ADM's)
+    fid_num_samples: int = 1000  # images per evaluation, over all data-parallel ranks
+    fid_use_ema: bool = False  # sample from the EMA of the weights (train.ema_decay > 0), as DiT evaluates
+    fid_inception_weights: str | None = None  # Inception-v3 weights with the classifier, for the Inception Score
 
 
 @dataclass

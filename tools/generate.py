@@ -25,7 +25,7 @@ install_warning_filters()  # first: known-benign library warnings once or not at
 import torch  # noqa: E402
 
 from latentlm_mcore.inference.generation import SamplingConfig  # noqa: E402
-from latentlm_mcore.inference.tasks import Generator  # noqa: E402
+from latentlm_mcore.inference.tasks import Generator, image_to_uint8  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -88,7 +88,7 @@ def load_images(paths: list[str], size: int) -> torch.Tensor:
 def to_pil(image: torch.Tensor):
     from PIL import Image
 
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    array = image_to_uint8(image).numpy()
     return Image.fromarray(array)
 
 

@@ -81,19 +81,27 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+def inception_features(source, start: int, stop: int, net: InceptionV3, batch_size: int = 50,
+                       device: str | torch.device = "cpu") -> torch.Tensor:
+    """[pool3 | logits] float64 [stop - start, 2048 + 1008] of images start..stop of `source` (an
+    `ImageSource` or a uint8 array [N, H, W, 3]), in this process."""
+    read = source.read if isinstance(source, ImageSource) else lambda a, b: source[a:b]
+    net = net.to(device)
+    rows = []
+    for i in range(start, stop, batch_size):
+        images = torch.from_numpy(np.ascontiguousarray(read(i, min(i + batch_size, stop))))
+        pool, logits = net(images.permute(0, 3, 1, 2).to(device))
+        rows.append(torch.cat([pool, logits], dim=1).double().cpu())
+    return torch.cat(rows) if rows else torch.zeros((0, POOL_DIM + NUM_LOGITS), dtype=torch.float64)
+
+
 def extract_features(source: ImageSource, net: InceptionV3, batch_size: int = 50,
                      device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(pool3 [N, 2048] float64, logits [N, 1008] float64) of all images, in input order, on every rank."""
     rank, world = _world()
     bounds = np.linspace(0, len(source), world + 1).astype(int)
     start, stop = int(bounds[rank]), int(bounds[rank + 1])
-    net = net.to(device)
-    rows = []
-    for i in range(start, stop, batch_size):
-        images = torch.from_numpy(np.ascontiguousarray(source.read(i, min(i + batch_size, stop))))
-        pool, logits = net(images.permute(0, 3, 1, 2).to(device))
-        rows.append(torch.cat([pool, logits], dim=1).double().cpu())
-    mine = torch.cat(rows) if rows else torch.zeros((0, POOL_DIM + NUM_LOGITS), dtype=torch.float64)
+    mine = inception_features(source, start, stop, net, batch_size, device)
     if world > 1:  # one all-gather of every rank's share, padded to the longest share
         longest = int(np.max(np.diff(bounds)))
         backend_device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -212,9 +220,14 @@ def evaluate_images(images: str, reference: Reference, net: InceptionV3, batch_s
                     device="cpu") -> dict:
     """FID, Inception Score (when the weights have the classifier) and precision/recall of `images`."""
     pool, logits = extract_features(ImageSource(images), net, batch_size, device)
+    return metrics_of_features(pool, logits, reference, net.has_classifier)
+
+
+def metrics_of_features(pool: np.ndarray, logits: np.ndarray, reference: Reference, has_classifier: bool) -> dict:
+    """FID, Inception Score (`has_classifier`) and precision/recall of images given their Inception outputs."""
     mu, sigma = gaussian_statistics(pool)
     result = {"num_images": len(pool), "fid": frechet_distance(mu, sigma, reference.mu, reference.sigma)}
-    if net.has_classifier:
+    if has_classifier:
         result["inception_score"], result["inception_score_std"] = inception_score(logits)
     if reference.activations is not None:
         result["precision"], result["recall"] = precision_recall(reference.activations, pool)

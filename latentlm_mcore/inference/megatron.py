@@ -104,12 +104,23 @@ class MegatronKVDecoder(Decoder):
     """megatron's own KV cache: a `StaticInferenceContext` whose per-layer key/value buffers the
     attention layers fill; each step feeds only the new positions. Padding stays hidden by an
     explicit mask (megatron turns its causal mask type off after the prefill; an explicit mask
-    is still applied by the local attention)."""
+    is still applied by the local attention).
+
+    `model` may be a live training model (training/fid_hook.py): wrapped in megatron's Float16Module (bf16
+    runs: it casts the inputs) and tensor-parallel, in which case every TP rank of a data-parallel rank runs
+    the same steps and the vocab-parallel logits are gathered, so all of them sample the same tokens."""
 
     def __init__(self, model):
-        cfg = model.model_cfg
-        super().__init__(model.diffusion_head, model.noise_schedule.alphas_cumprod, cfg.prediction, cfg.latent_dim)
+        from megatron.core.utils import unwrap_model
+
+        inner = unwrap_model(model)
+        if inner.config.sequence_parallel or not (inner.pre_process and inner.post_process):
+            raise ValueError("generation needs the whole model in each tensor-parallel group, without sequence "
+                             "parallelism (one new position per step cannot be split over the TP ranks)")
+        cfg = inner.model_cfg
+        super().__init__(inner.diffusion_head, inner.noise_schedule.alphas_cumprod, cfg.prediction, cfg.latent_dim)
         self.model = model
+        self.tensor_parallel = inner.config.tensor_model_parallel_size > 1
 
     def start(self, max_length: int) -> None:
         self.context, self.max_length = None, max_length
@@ -131,7 +142,11 @@ class MegatronKVDecoder(Decoder):
         logits, hidden = self.model(input_ids, positions, attention_mask=mask, latents=latents,
                                     latent_mask=latent_mask, inference_context=self.context)
         self.context.sequence_len_offset += n
-        return logits[:, -1].float().cpu(), hidden[:, -1].float().cpu()
+        logits = logits[:, -1].float()
+        if self.tensor_parallel:  # [b, vocab / TP] -> [b, vocab]
+            from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+            logits = gather_from_tensor_model_parallel_region(logits.contiguous())
+        return logits.cpu(), hidden[:, -1].float().cpu()
 
 
 def megatron_decoder(model, use_cache: bool = True) -> Decoder:

@@ -45,6 +45,11 @@ def is_audio_vae(vae) -> bool:
     return vae is not None and hasattr(vae.config, "hop_length")
 
 
+def image_to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """A decoded image [3, H, W] in [-1, 1] -> uint8 [H, W, 3], as PNG files and ADM's sample .npz hold it."""
+    return ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
+
+
 class _HFTokenizer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -101,14 +106,18 @@ class Generator:
         sigma_vae = resolve_sigma_vae(provenance, directory, explicit=sigma_vae)  # by hash, wherever it moved
         if not tokenizer:
             raise ValueError(f"{directory}: run_config.json names no tokenizer; pass one")
-        tok = load_tokenizer(tokenizer)
         vae = load_vae(sigma_vae) if sigma_vae else None  # image or audio, by the file's kind
         if vae is not None and vae.latent_stats is None:
             raise ValueError(f"σ-VAE {sigma_vae} has no latent statistics; the model's latents are scaled by them")
+        return cls.with_vocabulary(megatron_decoder(model, use_cache), load_tokenizer(tokenizer), vae, cfg.cfg_scale)
+
+    @classmethod
+    def with_vocabulary(cls, decoder: Decoder, tok, vae, cfg_scale: float | None) -> "Generator":
+        """A Megatron-side generator: the special tokens and classes from our tokenizer (data/tokenizer.py)."""
         special = SpecialTokens(tok.bod_id, tok.eod_id, tok.latent_id, tok.end_of_document_id,
                                 vae.config.num_latents if vae is not None and not is_audio_vae(vae) else 0)
         classes = (tok.num_classes, tok.null_class_id) if hasattr(tok, "num_classes") else None
-        return cls(megatron_decoder(model, use_cache), special, tok, vae, classes, cfg.cfg_scale)
+        return cls(decoder, special, tok, vae, classes, cfg_scale)
 
     # ------------------------------------------------------------ tasks
     def text_to_image(self, captions: list[str], sampling: SamplingConfig) -> list[Generation]:
@@ -120,7 +129,7 @@ class Generator:
                             max_new_tokens=max(sampling.max_new_tokens, s.latents_per_image + 1))
         return self.run(prompts, sampling)
 
-    def class_to_image(self, labels: list[int], sampling: SamplingConfig) -> list[Generation]:
+    def class_to_image(self, labels: list[int], sampling: SamplingConfig, progress: bool = True) -> list[Generation]:
         """One image per class label; guidance's unconditional stream is the null class, in the same batch."""
         if self.classes is None:
             raise ValueError("this model has no class vocabulary (tokenizer classes:N); class-to-image needs one")
@@ -128,7 +137,7 @@ class Generator:
         prompts, uncond = class_prompts(labels, self.special, *self.classes)
         sampling = _replace(sampling, stop_after_images=1,
                             max_new_tokens=max(sampling.max_new_tokens, self.special.latents_per_image + 1))
-        samples = generate(self.decoder, prompts, self.special, sampling, uncond_prompts=uncond)
+        samples = generate(self.decoder, prompts, self.special, sampling, uncond_prompts=uncond, progress=progress)
         return [self._finish(sample) for sample in samples]
 
     def image_to_text(self, images: torch.Tensor, sampling: SamplingConfig, prompt: str = "") -> list[Generation]:

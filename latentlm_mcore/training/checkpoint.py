@@ -17,6 +17,7 @@ a rank orphaned by its launcher, or a run whose lease was taken over, never move
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -138,10 +139,25 @@ def _layout() -> dict:
             "dp": parallel_state.get_data_parallel_world_size()}
 
 
+def _rng_state() -> dict:
+    return {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Inside: draw from any generator (python, numpy, torch, CUDA, megatron's TP tracker); after, each is
+    back where it was, so what follows (training) draws as if nothing had run (the FID hook)."""
+    state = _rng_state()
+    try:
+        yield
+    finally:
+        _restore_rng(state)
+
+
 def _rng_sharded_object() -> ShardedObject:
-    state = {"random": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state = _rng_state()
     return ShardedObject("rng_state", state, (_layout()["pp"], _layout()["tp"], _layout()["dp"]),
                          (parallel_state.get_pipeline_model_parallel_rank(),
                           parallel_state.get_tensor_model_parallel_rank(),

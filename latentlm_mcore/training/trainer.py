@@ -26,7 +26,7 @@ from latentlm_mcore.data.loader.stream import CountingIterator, DataStream
 from latentlm_mcore.training.sample_ids import SampleIdLog
 from latentlm_mcore.model import build_model, transformer_config, transformer_engine_available
 from latentlm_mcore.runtime.lease import LeaseHeld, check_may_publish, lease_on_rank0
-from latentlm_mcore.runtime.metrics import MetricsLogger
+from latentlm_mcore.runtime.metrics import MetricsLogger, plain_summary
 from latentlm_mcore.runtime.preemption import PreemptionFlag
 from latentlm_mcore.runtime.ranks import rank_and_world_from_env
 from latentlm_mcore.training.checkpoint import (latest_checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint,
@@ -41,6 +41,8 @@ from latentlm_mcore.training.step import build_optimizer, evaluate, params_synce
 
 def console_summary(split: str, m: dict) -> str:
     """Pretraining's part of the console line (runtime/metrics.py adds iteration, progress and ETA)."""
+    if split != "train" and "lm_loss" not in m:  # a callback's own metrics (the FID hook's)
+        return plain_summary(split, m)
     if split != "train":
         return f"lm_loss {m['lm_loss']:.4f} (ppl {m['lm_ppl']:.2f}) | diffusion_loss {m['diffusion_loss']:.4f}"
     mfu = f" | MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else ""
@@ -144,6 +146,10 @@ class TrainerCallback:
     def attach(self, trainer: "Trainer") -> None:
         """When the trainer is built, and after it resumed from a checkpoint without this callback's state."""
 
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """When `fit` starts, before the first step: `trainer.data` (its manifest) and `trainer.logger` (rank 0;
+        None elsewhere) are set."""
+
     def on_step_end(self, trainer: "Trainer", result: dict) -> None:
         """After every optimizer step (trainer.iteration already counts it); `result` as `train_step` returns."""
 
@@ -166,12 +172,16 @@ class TrainerCallback:
         """What `dist_checkpointing.load` returned for `sharded_state_dict(trainer, is_loading=True)`."""
 
 
-def callbacks_from_config(cfg: LatentLMConfig) -> list[TrainerCallback]:
-    """The callbacks the configs turn on: the EMA of the weights (train.ema_decay > 0)."""
+def callbacks_from_config(cfg: LatentLMConfig, run: RunConfig | None = None) -> list[TrainerCallback]:
+    """The callbacks the configs turn on: the EMA of the weights (train.ema_decay > 0), the periodic FID of
+    class-to-image samples (run.eval_fid_every > 0; after the EMA, whose weights it may sample from)."""
     callbacks = []
     if cfg.train.ema_decay:
         from latentlm_mcore.training.ema import ExponentialMovingAverage
         callbacks.append(ExponentialMovingAverage(cfg.train.ema_decay))
+    if run is not None and run.eval_fid_every:
+        from latentlm_mcore.training.fid_hook import FIDEvaluation
+        callbacks.append(FIDEvaluation(run, cfg))
     return callbacks
 
 
@@ -196,11 +206,12 @@ class Trainer:
             chunk.broadcast_params()  # identical replicas across DP from the start
         self.optimizer = build_optimizer(self.chunks, cfg.train, cfg.parallel, params_dtype=params_dtype)
         self.scheduler = build_scheduler(self.optimizer, cfg)
-        self.callbacks = callbacks_from_config(cfg) + list(callbacks)
+        self.callbacks = callbacks_from_config(cfg, self.run) + list(callbacks)
         for callback in self.callbacks:
             callback.attach(self)
         self.iteration, self.consumed_tokens = 0, 0
         self.data: DataStream | None = None  # the training stream `fit` reads (its position is checkpointed)
+        self.logger: MetricsLogger | None = None  # `fit`'s, on rank 0: where callbacks log metrics of their own
 
     def data_stream(self, root: str | None, seed: int) -> DataStream:
         """This rank's micro-batches of the dataset at `root` (None: random batches)."""
@@ -302,6 +313,9 @@ class Trainer:
         logger = MetricsLogger(run.save, total_iterations=t.train_steps, start_iteration=self.iteration,
                                tensorboard=run.tensorboard, wandb_project=run.wandb_project, run_name=cfg.name,
                                config=dataclasses.asdict(cfg), summary=console_summary) if rank0 else None
+        self.logger = logger
+        for callback in self.callbacks:
+            callback.on_fit_start(self)
         world = torch.distributed.get_world_size()
         tokens_per_step = t.global_batch_size * cfg.model.seq_length
         # what generation and export need to read and write this model's data (None: random batches)
