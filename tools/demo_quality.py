@@ -37,7 +37,7 @@ def main(argv=None):
 
     report = {}
     if args.text_to_image:
-        classifier = quality.DigitClassifier(args.corpus)
+        classifier = quality.DigitClassifier.for_corpus(args.corpus)
         report["classifier_heldout_real_accuracy"] = classifier.heldout_accuracy
         report["text_to_image"] = quality.text_to_image_accuracy(classifier, args.text_to_image)
         print(f"text -> image: {100 * report['text_to_image']['accuracy']:.1f}% of "

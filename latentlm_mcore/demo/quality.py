@@ -38,14 +38,14 @@ def _features(gray_uint8: np.ndarray) -> np.ndarray:
 
 
 class DigitClassifier:
-    """An SVM on the real training digits, at the resolution of the corpus images."""
+    """An SVM on the real training digits (those `is_heldout_digit` leaves in), at `image_size` pixels."""
 
-    def __init__(self, corpus: str):
+    def __init__(self, image_size: int, heldout_every: int = DemoCorpusConfig.heldout_every):
         from sklearn.svm import SVC
 
-        cfg = _corpus_config(corpus)
-        self.image_size = cfg.image_size
-        images, labels = load_digit_images(cfg.image_size)
+        cfg = DemoCorpusConfig(out="", image_size=image_size, heldout_every=heldout_every)
+        self.image_size = image_size
+        images, labels = load_digit_images(image_size)
         held = np.array([is_heldout_digit(i, cfg) for i in range(len(labels))])
         self.svm = SVC().fit(_features(images[~held]), labels[~held])
         self.heldout_accuracy = float((self.svm.predict(_features(images[held])) == labels[held]).mean())
@@ -60,6 +60,12 @@ class DigitClassifier:
                     img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
                 images.append(np.asarray(img))
         return self.svm.predict(_features(np.stack(images)))
+
+    @classmethod
+    def for_corpus(cls, corpus: str) -> "DigitClassifier":
+        """The classifier at the resolution and split of a `data_prep/demo_corpus.py` folder."""
+        cfg = _corpus_config(corpus)
+        return cls(cfg.image_size, cfg.heldout_every)
 
 
 def _read_samples(folder: str) -> list[dict]:
