@@ -2,6 +2,7 @@
 
 These names are the encoder interface `latentlm_mcore.data` may use (tests/test_imports.py keeps it so)."""
 
+from latentlm_mcore.vae.audio_model import load_audio_vae
 from latentlm_mcore.vae.config import SIGMA_VAE_PRESETS, SigmaVAEConfig
 from latentlm_mcore.vae.model import SigmaVAE, load_sigma_vae, sample_sigma_latents, save_sigma_vae
 from latentlm_mcore.vae.stats import LatentStats, compute_latent_stats, stats_from_moments
@@ -23,4 +24,4 @@ def load_vae(path, map_location="cpu"):
     return (load_audio_vae if kind == AUDIO_VAE_KIND else load_sigma_vae)(path, map_location)
 
 __all__ = ["SigmaVAEConfig", "SIGMA_VAE_PRESETS", "SigmaVAE", "LatentStats", "compute_latent_stats",
-           "save_sigma_vae", "load_sigma_vae", "load_vae", "sample_sigma_latents", "stats_from_moments"]
+           "save_sigma_vae", "load_sigma_vae", "load_vae", "load_audio_vae", "sample_sigma_latents", "stats_from_moments"]

@@ -39,7 +39,7 @@ class SpeechEncoding:
 
     def __init__(self, vae_path: str, audio_root: str, device, max_seconds: float, batch_items: int,
                  prompt_seconds: float = PROMPT_SECONDS):
-        from latentlm_mcore.vae.audio_model import load_audio_vae
+        from latentlm_mcore.vae import load_audio_vae
 
         if not audio_root:
             raise ValueError("speech documents need an audio root (--audio-root): every audio path is relative to it")
