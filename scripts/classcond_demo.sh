@@ -30,8 +30,8 @@ PY=.venv/bin/python
 DEMO="$PY -m latentlm_mcore.demo.classcond"
 start=$SECONDS
 
-stage() { echo; echo "=== [$1/9] $2 ($(( SECONDS - start ))s elapsed)"; }
-skip() { echo "    done already: $1"; }
+TOTAL=9
+source scripts/demo_stages.sh
 mkdir -p "$OUT"
 
 stage 1 "digits as image folders -> $OUT/digits/{train,heldout}/<digit>/"
@@ -40,14 +40,7 @@ if [ -f "$OUT/digits/done.json" ]; then skip "$OUT/digits"; else
 fi
 
 stage 2 "σ-VAE ($VAE_STEPS steps, the quickstart's) -> $OUT/sigma_vae"
-if [ -f "$OUT/sigma_vae/sigma_vae.pt" ] && grep -qs "\"iteration\": $VAE_STEPS, \"split\": \"eval\"" "$OUT/sigma_vae/metrics.jsonl"; then
-  skip "$OUT/sigma_vae/sigma_vae.pt"
-else
-  $PY pretrain/train_sigma_vae.py --preset quickstart --train-data "$OUT/digits/train" \
-    --eval-data "$OUT/digits/heldout" --out-dir "$OUT/sigma_vae" --train-steps "$VAE_STEPS" \
-    --batch-size 64 --lr 1e-3 --warmup-steps $(( VAE_STEPS / 10 )) --crop-min-scale 1.0 --log-interval 10 \
-    --eval-interval "$VAE_STEPS" --save-interval 100 --num-workers 0 --stats-samples 512 --tensorboard false
-fi
+demo_sigma_vae "$OUT/digits/train" "$OUT/digits/heldout" "$OUT/sigma_vae" "$VAE_STEPS"
 
 stage 3 "class documents (convert.py imagefolder) and their pre-encoding (classes:10) -> $OUT/data"
 for split in train heldout; do

@@ -24,8 +24,8 @@ export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
 start=$SECONDS
 
-stage() { echo; echo "=== [$1/8] $2 ($(( SECONDS - start ))s elapsed)"; }
-skip() { echo "    done already: $1"; }
+TOTAL=8
+source scripts/demo_stages.sh
 
 stage 1 "environment (.venv)"
 bash scripts/setup_env.sh
@@ -37,14 +37,7 @@ if [ -f "$OUT/corpus/corpus.json" ]; then skip "$OUT/corpus/corpus.json"; else
 fi
 
 stage 3 "σ-VAE ($VAE_STEPS steps) -> $OUT/sigma_vae"
-if [ -f "$OUT/sigma_vae/sigma_vae.pt" ] && grep -qs "\"iteration\": $VAE_STEPS, \"split\": \"eval\"" "$OUT/sigma_vae/metrics.jsonl"; then
-  skip "$OUT/sigma_vae/sigma_vae.pt"
-else
-  $PY pretrain/train_sigma_vae.py --preset quickstart --train-data "$OUT/corpus/images/train.jsonl" \
-    --eval-data "$OUT/corpus/images/heldout.jsonl" --out-dir "$OUT/sigma_vae" --train-steps "$VAE_STEPS" \
-    --batch-size 64 --lr 1e-3 --warmup-steps $(( VAE_STEPS / 10 )) --crop-min-scale 1.0 --log-interval 10 \
-    --eval-interval "$VAE_STEPS" --save-interval 100 --num-workers 0 --stats-samples 512 --tensorboard false
-fi
+demo_sigma_vae "$OUT/corpus/images/train.jsonl" "$OUT/corpus/images/heldout.jsonl" "$OUT/sigma_vae" "$VAE_STEPS"
 
 stage 4 "pre-encoding: tokens + σ-VAE latents -> MDS shards in $OUT/data"
 for split in train heldout; do

@@ -38,6 +38,7 @@ REMOTE_CODE = {
     "latentlm_mcore.vae.stats": "sigma_vae_stats.py",
     "latentlm_mcore.vae.audio_model": "audio_vae_model.py",
     "latentlm_mcore.vae.audio_config": "audio_vae_config.py",
+    "latentlm_mcore.runtime.files": "atomic_files.py",  # the σ-VAE savers write atomically
 }
 AUTO_MAP = {"AutoConfig": "configuration_latentlm.LatentLMHFConfig",
             "AutoModelForCausalLM": "modeling_latentlm.LatentLMForCausalLM"}
