@@ -34,6 +34,7 @@ from latentlm_mcore.hf.configuration_latentlm import LatentLMHFConfig
 from latentlm_mcore.inference.generation import (Decoder, RecomputeDecoder, Sample, SamplingConfig, SpecialTokens,
                                                  class_prompts, generate, speech_prompts)
 from latentlm_mcore.model.diffusion_head import DiffusionHead
+from latentlm_mcore.runtime.files import atomic_torch_save  # noqa: F401
 from latentlm_mcore.vae.audio_config import AudioVAEConfig
 from latentlm_mcore.vae.audio_model import AudioSigmaVAE
 from latentlm_mcore.vae.config import SigmaVAEConfig
