@@ -92,6 +92,9 @@ if [ "$OUT/recon/done.json" -nt "$OUT/sigma_vae/sigma_vae.pt" ]; then skip "$OUT
 fi
 
 stage 8 "FID against the held-out real digits (TF-Inception, the 16px images resized to 299 inside it)"
+# Inception at 299 px is most of this stage: every core for it (the training stages keep one thread a process);
+# the reference features are computed once and reused for every set.
+export OMP_NUM_THREADS="$(nproc)"
 mkdir -p "$OUT/fid"
 if [ ! -f "$OUT/fid/reference.npz" ]; then
   $PY tools/evaluate_images.py --reference "$OUT/digits/heldout" --save-reference "$OUT/fid/reference.npz"

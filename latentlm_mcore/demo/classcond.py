@@ -123,6 +123,9 @@ def sample_labels(folder: str) -> tuple[list[str], list[int]]:
         match = re.fullmatch(r"class (\d+)", s["prompt"])
         if not match:
             raise ValueError(f"{folder}/samples.json entry {i}: prompt {s['prompt']!r} is not 'class N'")
+        if s.get("num_images", 1) != 1:  # generate.py numbers images across samples: the rest would shift
+            raise ValueError(f"{folder}/samples.json entry {i}: {s['num_images']} images, not 1 per class prompt; "
+                             f"images/NNN.png would no longer line up with their prompts")
         path = os.path.join(folder, "images", f"{i:03d}.png")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder}: generated image {i} missing ({path})")

@@ -61,3 +61,7 @@ def test_a_sample_folder_with_a_foreign_prompt_or_a_missing_image_is_named(digit
     (folder / "samples.json").write_text(json.dumps([{"prompt": "class 1"}] * 3))
     with pytest.raises(FileNotFoundError, match="generated image 2 missing"):
         classcond.sample_labels(str(folder))
+    (folder / "samples.json").write_text(json.dumps([{"prompt": "class 1", "num_images": 1},
+                                                     {"prompt": "class 1", "num_images": 0}]))
+    with pytest.raises(ValueError, match="entry 1: 0 images, not 1"):
+        classcond.sample_labels(str(folder))
