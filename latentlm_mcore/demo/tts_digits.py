@@ -155,8 +155,9 @@ def write_mel_png(path: str, vae, docs, wavs, plan, gen) -> None:
     mels = []
     for w, p in zip(gen, plan):
         if p["voice"] == voice and p["text"] in real_by_text:
-            for x in (real_by_text[p["text"]], w):
-                mels.append(mel.log_mel(x[None].float(), 512)[0])
+            pair = [mel.log_mel(x[None].float(), 512)[0] for x in (real_by_text[p["text"]], w)]
+            frames = max(m.shape[1] for m in pair)  # one column per digit: pad the shorter with its quietest value
+            mels += [torch.nn.functional.pad(m, (0, frames - m.shape[1]), value=float(m.min())) for m in pair]
     if not mels:  # the held-out split may lack single digits in this voice: the generated ones alone
         mels = [mel.log_mel(w[None].float(), 512)[0] for w, p in zip(gen, plan) if p["voice"] == voice]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
