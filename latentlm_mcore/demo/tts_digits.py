@@ -160,6 +160,8 @@ def write_mel_png(path: str, vae, docs, wavs, plan, gen) -> None:
             mels += [torch.nn.functional.pad(m, (0, frames - m.shape[1]), value=float(m.min())) for m in pair]
     if not mels:  # the held-out split may lack single digits in this voice: the generated ones alone
         mels = [mel.log_mel(w[None].float(), 512)[0] for w, p in zip(gen, plan) if p["voice"] == voice]
+        frames = max(m.shape[1] for m in mels)
+        mels = [torch.nn.functional.pad(m, (0, frames - m.shape[1]), value=float(m.min())) for m in mels]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with atomic_write(path, "wb") as f:
         mel_image(mels).save(f, format="png")
