@@ -3,8 +3,10 @@ vs a 75 Hz codec-rate baseline (paper §3.3, Table 4: a lower frame rate means f
 
 One model size for every rate; only the latent rate and dimension change, as in the paper. Per rate the
 LM generates `--seconds` of speech for `--batch` text prompts with the KV cache, the paper's sampler
-(DPM-Solver++, 5 head steps, Fig. 10) and classifier-free guidance 4 (the null condition, a bare
-`<END_OF_DOCUMENT> <BOD>`, as the unconditional rows of the same batch). Then the audio σ-VAE of that
+(DPM-Solver++, 5 head steps, Fig. 10) and classifier-free guidance 4, in generation's speech layout
+(inference/generation.py speech_prompts: `<END_OF_DOCUMENT> <BOD>` 3 s of voice latents `<EOD>` text `<BOD>`,
+the unconditional rows the same without the text, in the same batch; the stop test runs at every latent, with
+the LM head's <EOD> and <LATENT> rows zeroed so a run is never stopped early). Then the audio σ-VAE of that
 rate decodes the latents streaming (one latent per call with a StreamCache, as a live player would), timed
 separately. Random weights: speed does not depend on what the weights are.
 
@@ -30,7 +32,7 @@ import latentlm_mcore.hf  # noqa: E402,F401
 from latentlm_mcore.config import PRESETS  # noqa: E402
 from latentlm_mcore.hf.configuration_latentlm import LatentLMHFConfig  # noqa: E402
 from latentlm_mcore.hf.modeling_latentlm import LatentLMForCausalLM  # noqa: E402
-from latentlm_mcore.inference.generation import SamplingConfig, generate  # noqa: E402
+from latentlm_mcore.inference.generation import SamplingConfig, generate, speech_prompts  # noqa: E402
 from latentlm_mcore.vae.audio_config import AUDIO_VAE_PRESETS, AudioVAEConfig  # noqa: E402
 from latentlm_mcore.vae.audio_model import AudioSigmaVAE, StreamCache  # noqa: E402
 
@@ -47,6 +49,7 @@ SIZES = {  # name -> (layers, hidden, ffn, heads, head_layers, narrow σ-VAE for
 }
 VOCAB = 1024  # text ids below 1000; the specials above (the vocabulary size does not change decode steps)
 TEXT_TOKENS = 32  # prompt length in text ids
+VOICE_SECONDS = 3.0  # the voice prompt, as generation cuts it (inference/tasks.py read_voice)
 
 
 def lm_shape(size: str):
@@ -61,7 +64,7 @@ def build_lm(size: str, latent_dim: int, latents: int, device) -> LatentLMForCau
     config = LatentLMHFConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=heads, head_dim=hidden // heads,
-        max_position_embeddings=TEXT_TOKENS + latents + 8, latent_dim=latent_dim, head_layers=head_layers,
+        max_position_embeddings=TEXT_TOKENS + 2 * latents + 8, latent_dim=latent_dim, head_layers=head_layers,
         bod_token_id=1000, eod_token_id=1001, latent_token_id=1002, end_of_document_token_id=1003,
         latents_per_image=latents)
     torch.manual_seed(0)
@@ -69,6 +72,9 @@ def build_lm(size: str, latent_dim: int, latents: int, device) -> LatentLMForCau
     with torch.no_grad():  # AdaLN-Zero would make every latent exactly zero: give the head some weights
         for p in model.diffusion_head.parameters():
             p.add_(0.02 * torch.randn_like(p))
+        # random weights would end a speech run by <EOD> at a random latent; equal <EOD> / <LATENT> logits never
+        # prefer <EOD>, so every run is the timed length (the stop test itself still runs at every latent)
+        model.lm_head.weight[[config.eod_token_id, config.latent_token_id]] = 0
     return model.to(device)
 
 
@@ -92,18 +98,21 @@ def run_rate(rate: str, args, device) -> dict:
     model = build_lm(args.size, vae_cfg.latent_dim, latents, device)
     special = model.special_tokens()
     g = torch.Generator().manual_seed(1)
-    prompts = [[special.end_of_document, *torch.randint(0, 1000, (TEXT_TOKENS,), generator=g).tolist(), special.bod]
-               for _ in range(args.batch)]
+    voice = max(1, round(min(VOICE_SECONDS, args.seconds) * vae_cfg.frame_rate))
+    texts = [torch.randint(0, 1000, (TEXT_TOKENS,), generator=g).tolist() for _ in range(args.batch)]
+    voices = [torch.randn(voice, vae_cfg.latent_dim, generator=g).to(device) for _ in range(args.batch)]
+    prompts, uncond = speech_prompts(texts, voices, special)  # generation's layout: voice <EOD> text <BOD>
     sampling = SamplingConfig(cfg_scale=4.0, diffusion_steps=5, seed=0, stop_after_images=1,
-                              max_new_tokens=latents + 1)
+                              max_run_latents=latents, max_new_tokens=latents + 1)
     decoder = model.decoder(True)
     with torch.no_grad():
         generate(decoder, prompts[:1], special, SamplingConfig(max_new_tokens=4), progress=False)  # warm-up
         sync(device)
         wall, cpu = time.perf_counter(), time.process_time()
-        samples = generate(decoder, prompts, special, sampling, progress=False)
+        samples = generate(decoder, prompts, special, sampling, uncond_prompts=uncond, progress=False)
         sync(device)
         lm_s, lm_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        assert all(s.run_ends == ["max"] for s in samples)
         z = torch.stack([s.images[0] for s in samples]).to(device)  # [batch, latents, dim]
         assert z.shape == (args.batch, latents, vae_cfg.latent_dim), z.shape
 
@@ -153,7 +162,7 @@ def main():
     result = {
         "what": "seconds of audio per second of wall time, text-to-speech with the KV cache, per latent rate",
         "size": args.size, "device": device.type, "seconds": args.seconds, "batch": args.batch,
-        "cfg_scale": 4.0, "diffusion_steps": 5, "text_tokens": TEXT_TOKENS,
+        "cfg_scale": 4.0, "diffusion_steps": 5, "text_tokens": TEXT_TOKENS, "voice_prompt_seconds": VOICE_SECONDS,
         "model": {"layers": layers, "hidden": hidden, "ffn": ffn, "heads": heads, "head_layers": head_layers},
         "vae": "narrow CPU decoders (channels 8..128, 1 block per stage)" if narrow else "paper-width presets",
         "results": results,

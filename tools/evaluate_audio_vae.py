@@ -26,15 +26,11 @@ from latentlm_mcore.data.prep.audio import load_audio, resample  # noqa: E402
 from latentlm_mcore.demo.speech_corpus import SAMPLE_RATE  # noqa: E402
 from latentlm_mcore.demo.speech_quality import DigitRecognizer, SpeakerSimilarity, recognizer_accuracy  # noqa: E402
 from latentlm_mcore.vae.audio_metrics import tokenizer_metrics  # noqa: E402
-from latentlm_mcore.vae.audio_model import load_audio_vae, pad_to_hop  # noqa: E402
+from latentlm_mcore.demo.tts_digits import reconstruct  # noqa: E402
+from latentlm_mcore.vae.audio_model import load_audio_vae  # noqa: E402
 
 TRAIN_KEYS = ("train_steps", "batch_size", "crop_seconds", "lr", "gan_start_step", "gan_loss", "mel_weight",
               "adversarial_weight", "feature_matching_weight", "disc_channels")
-
-
-@torch.no_grad()
-def reconstruct(vae, wav: torch.Tensor) -> torch.Tensor:
-    return vae.decode(vae.encode(pad_to_hop(wav, vae.config.hop_length)[None]))[0, :wav.shape[0]].float()
 
 
 def evaluate_split(vae, corpus: str, split: str, recognizer, similarity) -> dict:
