@@ -244,6 +244,7 @@ def soak(tiny_dataset, reference, tmp_path, kills: int):
     assert not alive, f"processes of earlier generations alive: {alive}"
 
 
+@pytest.mark.slow  # launches torchrun and kills it (soak)
 def test_soak_of_random_kills(tiny_dataset, reference, tmp_path):
     soak(tiny_dataset, reference, tmp_path, kills=3)
 
