@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # runs the bench script in a fresh interpreter: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_bench_runs_and_writes_its_fields(tmp_path):
     out = tmp_path / "generate_vs_dit.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "generate_vs_dit.py"), "--hidden", "64", "--layers", "2",

@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 
+@pytest.mark.slow  # runs the bench script in a fresh interpreter: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_bench_runs_every_rate_and_writes_ratios(tmp_path):
     out = tmp_path / "tts_decode_speed.json"
     subprocess.run([sys.executable, str(REPO / "bench" / "tts_decode_speed.py"), "--size", "tiny", "--seconds", "1",

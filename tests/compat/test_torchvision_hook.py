@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 READ = """
 import json, sys
@@ -17,6 +18,7 @@ print(json.dumps({"n": len(dataset), "tokens": [dataset[i]["tokens"].tolist() fo
 """
 
 
+@pytest.mark.slow  # a fresh interpreter imports streaming: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_plain_streaming_reads_shards_in_a_fresh_interpreter(tmp_path):
     from streaming import MDSWriter
 

@@ -32,6 +32,7 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_every_document_is_valid_raw_jsonl_of_its_source(corpus):
     summary = json.loads((corpus / "corpus.json").read_text())
     for split in ("train", "heldout"):
@@ -45,6 +46,7 @@ def test_every_document_is_valid_raw_jsonl_of_its_source(corpus):
                     assert (corpus / "images" / path).is_file(), path
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_pairs_caption_the_digit_they_show(corpus):
     from sklearn.datasets import load_digits
 
@@ -60,6 +62,7 @@ def test_pairs_caption_the_digit_they_show(corpus):
     assert orders == {("text", "image"), ("image", "text")}  # text -> image and image -> text
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_images_are_upscaled_digits_with_ink_where_sklearn_has_it(corpus):
     from sklearn.datasets import load_digits
 
@@ -72,6 +75,7 @@ def test_images_are_upscaled_digits_with_ink_where_sklearn_has_it(corpus):
         assert np.corrcoef(small.ravel(), digits[index].ravel())[0, 1] > 0.9
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_splits_are_disjoint(corpus):
     def images(split):
         return {s["image"] for source in ("pair", "interleaved")
@@ -86,6 +90,7 @@ def test_splits_are_disjoint(corpus):
     assert listed["train"] == images("train") and listed["heldout"] == images("heldout")
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_text_is_prose(corpus):
     docs = read_jsonl(corpus / "train" / "text.jsonl")
     text = "\n\n".join(d["segments"][0]["text"] for d in docs)
@@ -112,6 +117,7 @@ def f():
     assert not is_prose("a lower-case start of a sentence that is long enough to count here.")
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_interleaved_documents_mix_digits_and_sentences(corpus):
     for doc in read_jsonl(corpus / "train" / "interleaved.jsonl")[:100]:
         kinds = ["text" if "text" in s else "image" for s in doc["segments"]]
@@ -121,6 +127,7 @@ def test_interleaved_documents_mix_digits_and_sentences(corpus):
         assert all(c is not None for c in captions)
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_deterministic_and_complete_corpus_is_left_alone(corpus, tmp_path):
     def digest(folder):
         h = hashlib.sha256()
@@ -143,6 +150,7 @@ def test_caption_label():
     assert len(DIGIT_WORDS) == 10
 
 
+@pytest.mark.slow  # the module corpus fixture builds the whole demo corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_preprocessing_accepts_every_held_out_document(corpus, vae_checkpoint, tmp_path):
     out = tmp_path / "mds"
     subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_interleaved.py"), "--input",

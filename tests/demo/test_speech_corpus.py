@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import soundfile as sf
 
 from latentlm_mcore.data.prep.audio import load_audio
@@ -12,6 +13,7 @@ def test_digit_texts_are_digit_words_and_unique():
     assert all(w in DIGITS for t in texts for w in t.split())
 
 
+@pytest.mark.slow  # espeak-ng speaks the corpus: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_corpus_splits_and_audio(tmp_path):
     counts = build_speech_corpus(str(tmp_path), phrases=2, voices=("en-us", "en-gb"), heldout_voice="en-029",
                                  speeds=(175,))

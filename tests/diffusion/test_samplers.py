@@ -64,6 +64,7 @@ def test_dpm_solver_pp_solves_the_gaussian_ode(prediction):
     assert abs(out.mean().item() - MU) < 0.05 and abs(out.std().item() - STD) < 0.05
 
 
+@pytest.mark.slow  # over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_ddpm_ancestral_samples_the_gaussian_target():
     schedule = NoiseSchedule(1000, "v")
     g = torch.Generator().manual_seed(1)
@@ -188,6 +189,7 @@ def test_schedule_and_targets_are_diffusers_conventions():
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "epsilon"])
 @pytest.mark.parametrize("steps", [5, 10, 20])
+@pytest.mark.slow  # the module mixture_case fixture solves the probability-flow ODE in float64: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_dpm_solver_pp_is_diffusers_step_for_step(mixture_case, prediction, steps):
     noise, _ = mixture_case
     ac = NoiseSchedule(1000, "v").alphas_cumprod
@@ -200,6 +202,7 @@ def test_dpm_solver_pp_is_diffusers_step_for_step(mixture_case, prediction, step
         assert (ours - reference).pow(2).mean().sqrt() < 1e-3
 
 
+@pytest.mark.slow  # the module mixture_case fixture solves the probability-flow ODE in float64: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_dpm_solver_pp_20_steps_no_less_accurate_than_diffusers(mixture_case):
     noise, exact = mixture_case
     ac = NoiseSchedule(1000, "v").alphas_cumprod

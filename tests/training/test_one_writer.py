@@ -121,6 +121,7 @@ def reference(tiny_dataset, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow  # launches torchrun
 def test_ranks_die_with_the_launcher_and_publish_nothing_after(tiny_dataset, tmp_path):
     save = tmp_path / "ckpt"
     proc = spawn_torchrun(PRETRAIN, 2, args(tiny_dataset, save, 1000), tmp_path, tmp_path / "run.log")
@@ -142,6 +143,7 @@ def test_ranks_die_with_the_launcher_and_publish_nothing_after(tiny_dataset, tmp
         kill_tree(proc)
 
 
+@pytest.mark.slow  # launches torchrun
 def test_a_second_launch_is_refused_names_the_holder_and_changes_nothing(tiny_dataset, reference, tmp_path):
     save = tmp_path / "ckpt"
     first = spawn_torchrun(PRETRAIN, 2, args(tiny_dataset, save, SOAK_STEPS), tmp_path, tmp_path / "first.log")
@@ -242,6 +244,7 @@ def soak(tiny_dataset, reference, tmp_path, kills: int):
     assert not alive, f"processes of earlier generations alive: {alive}"
 
 
+@pytest.mark.slow  # launches torchrun and kills it (soak)
 def test_soak_of_random_kills(tiny_dataset, reference, tmp_path):
     soak(tiny_dataset, reference, tmp_path, kills=3)
 

@@ -123,6 +123,7 @@ def test_sigma_vae_options_are_checked_against_machine_and_files(tmp_path):
         check_sigma_vae(model, ok, V100)
 
 
+@pytest.mark.slow  # launches the pretraining entry point in a fresh interpreter
 def test_pretrain_cli_refuses_fp8_on_this_cpu_before_step_one(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "pretrain" / "pretrain_latentlm.py"), "--preset", "tiny",
                            "--fp8", "hybrid", "--save", str(tmp_path / "run"), "--train.train-steps", "2"],

@@ -140,6 +140,7 @@ def test_missing_audio_is_named(speech, tmp_path):
         AudioSigmaVAETrainer(SMALL, config(speech, tmp_path / "out", train_data=str(bad)))
 
 
+@pytest.mark.slow  # runs the training entry point in a fresh interpreter
 def test_entry_point_trains_evaluates_and_exports(speech, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "pretrain" / "train_audio_vae.py"), "--preset", "tiny",

@@ -104,6 +104,7 @@ def test_adaptive_gan_weight_is_clamped():
     assert adaptive_gan_weight(rec, g_flat, decoder[2].weight, factor=1.0, max_weight=7.0).item() == 7.0
 
 
+@pytest.mark.slow  # launches torchrun
 def test_adaptive_gan_weight_over_two_ranks_is_the_whole_batch_weight(tmp_path):
     """Each of 2 gloo ranks sees half the batch; the gradients are averaged before the norms, so both ranks get
     the weight one process computes on the whole batch (per-rank norms would give each rank its own)."""

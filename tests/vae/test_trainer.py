@@ -29,6 +29,7 @@ def _heldout_images(heldout_dir):
     return torch.stack([dataset[i] for i in range(len(dataset))])
 
 
+@pytest.mark.slow  # the session trained_run fixture trains 300 steps
 def test_tiny_sigma_vae_beats_mean_image_psnr(trained_run, photo_dirs):
     out_dir, result = trained_run
     images = _heldout_images(photo_dirs[1])
@@ -50,6 +51,7 @@ def test_tiny_sigma_vae_beats_mean_image_psnr(trained_run, photo_dirs):
     assert all(np.isfinite(r["loss"]) and r["lr"] > 0 for r in train)
 
 
+@pytest.mark.slow  # the session trained_run fixture trains 300 steps
 def test_encode_then_decode_is_deterministic(trained_run, photo_dirs):
     out_dir, _ = trained_run
     images = _heldout_images(photo_dirs[1])
@@ -63,6 +65,7 @@ def test_encode_then_decode_is_deterministic(trained_run, photo_dirs):
     assert not torch.equal(a, noisy)
 
 
+@pytest.mark.slow  # the session trained_run fixture trains 300 steps
 def test_stored_latent_stats_give_unit_scale_on_heldout_crops(trained_run, photo_dirs):
     """The statistics (one global shift and scale of the σ-VAE samples, vae/stats.py) come from
     `stats_samples` training crops drawn with the trainer's fixed seed; here they are checked on 256 other
@@ -191,6 +194,7 @@ def _job_fields(env, job_id):
     return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
 
+@pytest.mark.slow  # starts the one-node Slurm cluster and torchrun
 def test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume(slurm_cluster, photo_dirs, tmp_path):
     """slurm/train_sigma_vae.sh submitted to a real one-node Slurm (the `slurm_cluster` fixture): srun starts 2
     CPU tasks (gloo), the GPU defaults overridden on the sbatch command line; then a torchrun invocation of the

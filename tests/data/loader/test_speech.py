@@ -32,6 +32,7 @@ def expected_document(mix, g, dropped):
     return tokens
 
 
+@pytest.mark.slow  # the session speech_dataset fixture: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_stop_targets_and_text_dropout_through_the_packed_loader(speech_dataset, cache_dir):
     mix = mixture(speech_dataset, cache_dir, "a")
     ids, n = mix.ids, mix.epoch_size
@@ -68,6 +69,7 @@ def test_stop_targets_and_text_dropout_through_the_packed_loader(speech_dataset,
     assert 0.25 * 2 * n <= len(dropped) <= 0.75 * 2 * n  # 50%
 
 
+@pytest.mark.slow  # the session speech_dataset fixture: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_one_sigma_per_latent_run(speech_dataset, cache_dir):
     mix = mixture(speech_dataset, cache_dir, "s")
     sampled, mu = PackedLoader(mix, LoaderConfig(seq_length=8, micro_batch_size=1)), None
@@ -84,6 +86,7 @@ def test_one_sigma_per_latent_run(speech_dataset, cache_dir):
     assert abs(noise[0] - noise[1]) > 1e-3  # two runs, two σ
 
 
+@pytest.mark.slow  # the session speech_dataset fixture: over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_exact_resume_with_speech(speech_dataset, cache_dir):
     cfg = dict(seq_length=128, micro_batch_size=2, dp_world_size=2, condition_dropout=0.3)
 

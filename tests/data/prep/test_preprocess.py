@@ -123,6 +123,7 @@ def test_hostile_input_through_the_cli_job_array(hostile, vae_checkpoint, tmp_pa
     assert sorted(arrived) == sorted(by_id)
 
 
+@pytest.mark.slow  # over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_crashed_part_leaves_nothing_visible_and_rerun_finishes(raw_documents, image_root, vae_checkpoint, tmp_path,
                                                                 monkeypatch):
     raw, docs = raw_documents

@@ -27,6 +27,7 @@ def _samples(mds):
     return {ds[i]["doc_id"]: ds[i] for i in range(len(ds))}
 
 
+@pytest.mark.slow  # the session speech_dataset fixture (espeak-ng corpus, audio σ-VAE, preprocessing): over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_speech_documents_are_prompt_text_target(speech_dataset):
     m = read_manifest(speech_dataset.mds)
     docs = {d["id"]: d for d in _docs(speech_dataset.raw)}
@@ -55,6 +56,7 @@ def test_speech_documents_are_prompt_text_target(speech_dataset):
         assert np.allclose(lat.astype(np.float32), expected, atol=2e-3), doc_id
 
 
+@pytest.mark.slow  # the session speech_dataset fixture (espeak-ng corpus, audio σ-VAE, preprocessing): over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_right_padding_keeps_the_latents_of_a_causal_encoder(speech_dataset):
     """Encoding utterances of different lengths in one zero-padded batch gives each one's latents alone."""
     enc = SpeechEncoding(str(speech_dataset.audio_vae), str(speech_dataset.corpus), "cpu", 60.0, batch_items=4)
@@ -70,6 +72,7 @@ def test_right_padding_keeps_the_latents_of_a_causal_encoder(speech_dataset):
     assert not np.allclose(long[1:2], 0) and long.shape[0] == 4
 
 
+@pytest.mark.slow  # the session speech_dataset fixture (espeak-ng corpus, audio σ-VAE, preprocessing): over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_self_prompt_is_the_targets_prefix(tmp_path, speech_dataset):
     """Without a voice segment the prompt is the first min(3 s, half) of the target's latents (paper setting 2)."""
     doc = _docs(speech_dataset.raw)[0]
@@ -93,6 +96,7 @@ def _tone(seconds, rate=16000, amp=0.3):
     return (amp * np.sin(np.arange(int(seconds * rate)) * 0.07)).astype(np.float32)
 
 
+@pytest.mark.slow  # the session speech_dataset fixture (espeak-ng corpus, audio σ-VAE, preprocessing): over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_hostile_audio_is_rejected_by_reason_and_the_rest_kept(tmp_path, speech_dataset):
     root = tmp_path / "audio"
     root.mkdir()
@@ -142,6 +146,7 @@ def test_hostile_audio_is_rejected_by_reason_and_the_rest_kept(tmp_path, speech_
     assert m["audio_seconds_written"] == pytest.approx(0.8 + 0.5, abs=1e-3)
 
 
+@pytest.mark.slow  # the session speech_dataset fixture (espeak-ng corpus, audio σ-VAE, preprocessing): over ~3 s loaded (fast-tier measurement, 2026-12-04)
 def test_one_sigma_vae_per_dataset(tmp_path, speech_dataset):
     with pytest.raises(ValueError, match="one σ-VAE per dataset"):
         preprocess_part(PreprocessConfig(inputs=[str(speech_dataset.raw)], output=str(tmp_path), vae_checkpoint="v.pt",
