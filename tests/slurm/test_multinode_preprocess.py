@@ -7,13 +7,16 @@ skips the 5 finished parts, redoes part 1 and merges. The dataset equals, byte f
 way (line k, k+6, ... of the input), so every shard holds the same documents in the same order, and the
 σ-VAE encodes the same batches with one thread (OMP_NUM_THREADS=1) in both. (A 1-part run orders the
 documents differently, so its shards differ; its decoded samples are the same documents.)"""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from latentlm_mcore.data.schema import part_name
@@ -40,6 +43,19 @@ def submit(env) -> tuple[str, str]:
     return words[words.index("array") + 2], words[words.index("merge") + 2]
 
 
+def freeze_part(output: Path, part: int) -> list[int]:
+    """SIGSTOP the array task writing `part` (the nodes share the host's pid namespace); its pids."""
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if any(a.endswith("preprocess_interleaved.py") for a in cmd) and str(output) in cmd \
+                and "--shard-index" in cmd and cmd[cmd.index("--shard-index") + 1] == str(part):
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGSTOP)
+                pids.append(proc.pid)
+    return pids
+
+
 def files(folder: Path) -> dict:
     """Every file of a dataset but the parts' own records (timings) and leases, and the Slurm logs."""
     skip = lambda p: p.parts[0] == "slurm" or (p.parts[0] == "parts" and not p.name.endswith(".rejects.jsonl"))  # noqa: E731
@@ -63,6 +79,10 @@ def test_preprocessing_array_over_three_hosts_with_a_killed_task_gives_the_one_h
             assert time.time() - start < 300, queued(array, merge)
             hosts |= {line.split()[2] for line in queued(array).splitlines() if " RUNNING " in line}
             time.sleep(0.1)
+        # Freeze the task first: scancel's SIGKILL travels slurmctld -> slurmd and can arrive after a task
+        # this small has finished (seen in CI). A stopped process still dies of SIGKILL.
+        frozen = freeze_part(output, KILLED)
+        assert frozen, f"no process of part {KILLED} found to freeze"
         sh(env, "scancel", "--full", "--signal=KILL", f"{array}_{KILLED}")
         while queued(array, merge):
             assert time.time() - start < 600, queued(array, merge)
