@@ -2,7 +2,7 @@
 # Class-conditional LatentLM (paper §3.1, the ImageNet recipe) on scikit-learn's digits, on 2 CPU processes:
 #   digits as image folders -> σ-VAE -> imagefolder JSONL -> pre-encoding (classes:10) -> pretraining (TP=2,
 #   label dropout 0.1, EMA) -> 100 digits per class at CFG 3 and CFG 1, and from the model at initialisation
-#   -> σ-VAE reconstructions of the held-out digits -> FID against the held-out digits + classifier accuracy
+#   -> σ-VAE reconstructions of the held-out digits, real training digits as many as a set -> FID against the held-out digits + classifier accuracy
 #
 #   bash scripts/classcond_demo.sh
 #
@@ -86,9 +86,15 @@ generate cfg3 3 "$OUT/model" --use-ema
 generate cfg1 1 "$OUT/model" --use-ema
 generate init 3 "$OUT/model_init"
 
-stage 7 "σ-VAE reconstructions of the held-out digits (the FID floor) -> $OUT/recon"
+stage 7 "anchors: σ-VAE reconstructions of the held-out digits (the FID floor) -> $OUT/recon, $PER_CLASS real training digits per class -> $OUT/real_train"
 if [ "$OUT/recon/done.json" -nt "$OUT/sigma_vae/sigma_vae.pt" ]; then skip "$OUT/recon"; else
   $DEMO reconstruct --vae "$OUT/sigma_vae/sigma_vae.pt" --images "$OUT/digits/heldout" --out "$OUT/recon"
+fi
+# real digits in the generated sets' number: FID's bias depends on the image count, so this is the floor a
+# set of $PER_CLASS per class is read against (the 180 reconstructions are fewer)
+if grep -qs "\"per_class\": $PER_CLASS}" "$OUT/real_train/done.json"; then skip "$OUT/real_train"; else
+  rm -rf "$OUT/real_train"
+  $DEMO real-subset --images "$OUT/digits/train" --per-class "$PER_CLASS" --out "$OUT/real_train"
 fi
 
 stage 8 "FID against the held-out real digits (TF-Inception, the 16px images resized to 299 inside it)"
@@ -99,9 +105,10 @@ mkdir -p "$OUT/fid"
 if [ ! -f "$OUT/fid/reference.npz" ]; then
   $PY tools/evaluate_images.py --reference "$OUT/digits/heldout" --save-reference "$OUT/fid/reference.npz"
 fi
-for name in recon cfg3 cfg1 init; do
+for name in recon real_train cfg3 cfg1 init; do
   images="$OUT/samples/$name/images"; report="$OUT/fid/$name.json"
   [ "$name" = recon ] && { images="$OUT/recon"; report="$OUT/fid/reconstruction.json"; }
+  [ "$name" = real_train ] && images="$OUT/real_train"
   if [ "$report" -nt "$images" ]; then skip "$report"; continue; fi
   $PY tools/evaluate_images.py --images "$images" --reference "$OUT/fid/reference.npz" --output "$report" >/dev/null
 done

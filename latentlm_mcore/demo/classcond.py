@@ -2,6 +2,7 @@
 
     python -m latentlm_mcore.demo.classcond digits      --out DIR --image-size 16
     python -m latentlm_mcore.demo.classcond reconstruct --vae sigma_vae.pt --images DIR/heldout --out DIR/recon
+    python -m latentlm_mcore.demo.classcond real-subset --images DIR/train --per-class 100 --out DIR/real_train
     python -m latentlm_mcore.demo.classcond report      --run DIR --output bench/results/classcond_demo.json \
                                                          --grid docs/classcond_digits.png
 
@@ -10,6 +11,9 @@
   quickstart's split), the layout `data_prep/convert.py imagefolder` reads.
 - `reconstruct`: each held-out digit through the σ-VAE (encode to μ, decode), same folder layout: the FID
   floor, what the model could reach if it drew the σ-VAE's latents of real digits exactly.
+- `real-subset`: the first N training digits of each class, as many images as each generated set: real data
+  scored at the generated sets' sample count (FID is biased upwards the fewer images it gets, so the 180
+  reconstructions' FID and a 1,000-image set's are not on one scale; this anchor is).
 - `report`: the digit classifier's accuracy per requested class on every sample set (`tools/generate.py
   --task class-to-image` output: `samples.json` prompts "class N", `images/NNN.png`) and on the real and
   reconstructed held-out digits, beside the FIDs `tools/evaluate_images.py` wrote; one JSON without machine
@@ -41,7 +45,11 @@ SAMPLE_SETS = {
 REFERENCE_SETS = {
     "real_heldout": "the held-out real digits (the FID reference)",
     "reconstruction": "σ-VAE reconstructions of the held-out digits: the FID floor",
+    "real_train": "real training digits, as many per class as each generated set: the floor at their count",
 }
+# folder of each reference set inside the demo's run folder
+REFERENCE_FOLDERS = {"real_heldout": os.path.join("digits", "heldout"), "reconstruction": "recon",
+                     "real_train": "real_train"}
 
 
 # ------------------------------------------------------------------------------------------------- folders
@@ -112,6 +120,27 @@ def reconstruct(vae_path: str, images: str, out: str, batch_size: int = 256) -> 
     return len(rows)
 
 
+def real_subset(images: str, per_class: int, out: str) -> int:
+    """The first `per_class` images of each `images/<digit>/`, copied to `out/<digit>/`; `out/done.json` last."""
+    import shutil
+
+    rows = labelled_images(images)
+    by_class: dict[int, list[str]] = {}
+    for path, digit in rows:
+        by_class.setdefault(digit, []).append(path)
+    short = {d: len(paths) for d, paths in by_class.items() if len(paths) < per_class}
+    if short:
+        raise ValueError(f"{images}: fewer than {per_class} images in class(es) {short} (class: images)")
+    for digit, paths in sorted(by_class.items()):
+        folder = os.path.join(out, str(digit))
+        os.makedirs(folder, exist_ok=True)
+        for path in paths[:per_class]:
+            shutil.copyfile(path, os.path.join(folder, os.path.basename(path)))
+    count = per_class * len(by_class)
+    write_text_atomic(os.path.join(out, DONE), json.dumps({"images": count, "per_class": per_class}) + "\n")
+    return count
+
+
 # -------------------------------------------------------------------------------------------------- report
 
 def sample_labels(folder: str) -> tuple[list[str], list[int]]:
@@ -177,11 +206,10 @@ def build_report(run: str, settings: dict) -> dict:
         digits = json.load(f)
     classifier = DigitClassifier(digits["image_size"], digits["heldout_every"])
     sets = {}
-    for name, paths_wanted in [("real_heldout", None), ("reconstruction", None)] + \
+    for name, paths_wanted in [(n, None) for n in REFERENCE_SETS] + \
                               [(n, sample_labels(os.path.join(run, "samples", n))) for n in SAMPLE_SETS]:
         if paths_wanted is None:
-            folder = os.path.join(run, "digits", "heldout") if name == "real_heldout" else os.path.join(run, "recon")
-            rows = labelled_images(folder)
+            rows = labelled_images(os.path.join(run, REFERENCE_FOLDERS[name]))
             paths_wanted = ([p for p, _ in rows], [d for _, d in rows])
         entry = {"what": REFERENCE_SETS[name] if name in REFERENCE_SETS else SAMPLE_SETS[name]}
         fid_file = os.path.join(run, "fid", f"{name}.json")
@@ -203,6 +231,10 @@ def main(argv=None):
     r.add_argument("--vae", required=True)
     r.add_argument("--images", required=True)
     r.add_argument("--out", required=True)
+    sub_ = sub.add_parser("real-subset", help="the first N images of each class of an image folder")
+    sub_.add_argument("--images", required=True)
+    sub_.add_argument("--per-class", type=int, required=True)
+    sub_.add_argument("--out", required=True)
     rep = sub.add_parser("report", help="classifier accuracy + FIDs -> JSON, and the grid PNG")
     rep.add_argument("--run", required=True, help="the demo's folder (CLASSCOND_DIR)")
     rep.add_argument("--output", required=True)
@@ -214,6 +246,8 @@ def main(argv=None):
         print(json.dumps(write_digit_folders(args.out, args.image_size)))
     elif args.stage == "reconstruct":
         print(f"reconstructed {reconstruct(args.vae, args.images, args.out)} images -> {args.out}")
+    elif args.stage == "real-subset":
+        print(f"copied {real_subset(args.images, args.per_class, args.out)} real digits -> {args.out}")
     else:
         settings = {}
         for item in args.setting:

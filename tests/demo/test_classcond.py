@@ -25,6 +25,19 @@ def test_digit_folders_split_every_tenth_digit_by_class(digits):
     assert json.loads((out / classcond.DONE).read_text())["image_size"] == 16
 
 
+def test_real_subset_takes_the_first_n_of_each_class_and_refuses_a_short_class(digits, tmp_path):
+    out, _ = digits
+    n = classcond.real_subset(str(out / "train"), 3, str(tmp_path / "sub"))
+    rows = classcond.labelled_images(str(tmp_path / "sub"))
+    assert n == len(rows) == 30
+    want = {d: sorted(p.split("/")[-1] for p, c in classcond.labelled_images(str(out / "train")) if c == d)[:3]
+            for d in range(10)}
+    assert {d: sorted(p.split("/")[-1] for p, c in rows if c == d) for d in range(10)} == want
+    assert (tmp_path / "sub" / "0" / want[0][0]).read_bytes() == (out / "train" / "0" / want[0][0]).read_bytes()
+    with pytest.raises(ValueError, match=r"fewer than 1000 images in class"):
+        classcond.real_subset(str(out / "train"), 1000, str(tmp_path / "big"))
+
+
 def test_class_accuracy_per_class_reads_real_digits_and_catches_wrong_labels(digits):
     out, _ = digits
     classifier = DigitClassifier(16)

@@ -26,11 +26,13 @@ def test_classcond_demo_runs_reports_and_resumes(tmp_path):
     out = tmp_path / "run"
     run_demo(out, tmp_path)
     report = json.loads((out / "report.json").read_text())
-    assert set(report["sets"]) == {"real_heldout", "reconstruction", "cfg3", "cfg1", "init"}
-    for name in ("reconstruction", "cfg3", "cfg1", "init"):
+    assert set(report["sets"]) == {"real_heldout", "reconstruction", "real_train", "cfg3", "cfg1", "init"}
+    for name in ("reconstruction", "real_train", "cfg3", "cfg1", "init"):
         assert report["sets"][name]["fid"] > 0
     assert report["sets"]["cfg3"]["num_images"] == 20 and report["sets"]["cfg3"]["num_reference"] == 180
     assert report["sets"]["reconstruction"]["fid"] < report["sets"]["init"]["fid"]
+    assert report["sets"]["real_train"]["num_images"] == 20  # as many as a generated set
+    assert report["sets"]["real_train"]["fid"] < report["sets"]["init"]["fid"]
     for entry in report["sets"].values():
         assert sorted(entry["class_accuracy"]["per_class"]) == [str(c) for c in range(10)]
     assert report["sets"]["real_heldout"]["class_accuracy"]["accuracy"] > 0.9
