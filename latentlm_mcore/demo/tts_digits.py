@@ -72,6 +72,13 @@ def _accuracy_by_kind(pairs, recognizer) -> dict:
     return {k: recognizer_accuracy(v, recognizer) for k, v in kinds.items() if v}
 
 
+def _tokenizer_metrics(real, recon) -> dict:
+    """Mean mel distance (DAC's), PESQ-WB and STOI of the σ-VAE's reconstructions of the held-out utterances."""
+    from latentlm_mcore.vae.audio_metrics import tokenizer_metrics
+    scores = [tokenizer_metrics(r, w, SAMPLE_RATE) for (w, _), (r, _) in zip(real, recon)]
+    return {k: float(np.mean([m[k] for m in scores])) for k in scores[0]}
+
+
 def pair_similarities(docs: list[dict], wavs, similarity) -> dict:
     """Mean Resemblyzer similarity of real pairs, the references prompt <-> generated is read against. Both
     sets compare the same texts at the same speeds, so only the voice differs between them: each pair is one
@@ -168,6 +175,7 @@ def report(corpus: str, vae_file: str, plan: list[dict], generated: str, png: st
         "heldout_utterances": len(docs),
         "recognizer_real": _accuracy_by_kind(real, recognizer),
         "recognizer_reconstructed": _accuracy_by_kind(recon, recognizer),
+        "tokenizer_metrics": _tokenizer_metrics(real, recon),
         "recognizer_generated": {k: _accuracy_by_kind(v, recognizer) for k, v in gen_pairs.items() if v},
         "generated_stopped_by_eod": sum(o.get("stopped_by") == "eod" for o in outputs) / len(outputs),
         "generated_seconds_mean": float(np.mean([w.shape[0] / SAMPLE_RATE for w in gen])),
