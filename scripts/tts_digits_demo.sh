@@ -22,7 +22,7 @@ STEPS="${TTS_DEMO_STEPS:-1000}"
 WARMUP=$(( STEPS / 10 < 20 ? STEPS / 10 : 20 ))
 LATENT_DIM=32  # the demo σ-VAE's (README: Speech, deviations)
 VAE_STRIDES=8,5,10  # 400x: 40 Hz latents, and a 2 kHz stage after the first instead of 8 kHz (1.8x faster steps)
-VAE_MEL_CLAMP=1e-2  # the training mel loss's floor above digital silence (README: the σ-VAE recipe search)
+VAE_MEL_CLAMP=1e-3  # the training mel loss's floor above digital silence (README: the σ-VAE recipe search)
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
 start=$SECONDS
