@@ -242,7 +242,9 @@ def main(argv=None):
         for item in plan:
             print("--prompt", item["text"], "--voice", os.path.join(args.corpus, item["voice_audio"]), sep="\n")
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS when set (the script's 1): on a shared machine two threads of Resemblyzer's small LSTM
+    # spend their time in OpenMP barriers waiting for each other
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
     with open(args.prompts, encoding="utf-8") as f:
         plan = json.load(f)
     result = {**json.loads(args.extra), **report(args.corpus, args.vae, plan, args.generated, args.png)}
