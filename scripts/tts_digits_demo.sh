@@ -21,6 +21,8 @@ VAE_STEPS="${TTS_DEMO_VAE_STEPS:-600}"
 STEPS="${TTS_DEMO_STEPS:-1000}"
 WARMUP=$(( STEPS / 10 < 20 ? STEPS / 10 : 20 ))
 LATENT_DIM=32  # the demo σ-VAE's (README: Speech, deviations)
+VAE_STRIDES=8,5,10  # 400x: 40 Hz latents, and a 2 kHz stage after the first instead of 8 kHz (1.8x faster steps)
+VAE_MEL_CLAMP=1e-3  # the training mel loss's floor above digital silence (README: the σ-VAE recipe search)
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=.venv/bin/python
 start=$SECONDS
@@ -41,7 +43,8 @@ stage 3 "audio σ-VAE ($VAE_STEPS steps, reconstruction losses only) -> $OUT/aud
 if [ -f "$OUT/audio_vae/audio_vae.pt" ] && grep -qs "\"iteration\": $VAE_STEPS, \"split\": \"eval\"" "$OUT/audio_vae/metrics.jsonl"; then
   skip "$OUT/audio_vae/audio_vae.pt"
 else
-  $PY pretrain/train_audio_vae.py --preset tiny --model.latent-dim "$LATENT_DIM" \
+  $PY pretrain/train_audio_vae.py --preset tiny --model.latent-dim "$LATENT_DIM" --model.strides "$VAE_STRIDES" \
+    --mel-clamp "$VAE_MEL_CLAMP" \
     --train-data "$OUT/corpus/train.jsonl" --eval-data "$OUT/corpus/heldout.jsonl" --out-dir "$OUT/audio_vae" \
     --train-steps "$VAE_STEPS" --batch-size 8 --crop-seconds 0.5 --lr 3e-3 --warmup-steps 20 \
     --log-interval 20 --eval-interval "$VAE_STEPS" --save-interval 100 --eval-utterances 16 --tensorboard false

@@ -68,11 +68,18 @@ class SpeakerSimilarity:
     def __init__(self):
         from resemblyzer import VoiceEncoder
         self.encoder = VoiceEncoder(device="cpu", verbose=False)
+        self._cache = {}  # id(waveform) -> (the waveform, its embedding): a report compares one prompt many times
 
     def embed(self, wav) -> np.ndarray:
         from resemblyzer import preprocess_wav
-        wav = wav.detach().cpu().float().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav, np.float32)
-        return self.encoder.embed_utterance(preprocess_wav(wav, source_sr=SAMPLE_RATE))
+        hit = self._cache.get(id(wav))
+        if hit is not None and hit[0] is wav:  # the same object (kept alive by the cache, so its id is not reused)
+            return hit[1]
+        x = wav.detach().cpu().float().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav, np.float32)
+        emb = self.encoder.embed_utterance(preprocess_wav(x, source_sr=SAMPLE_RATE))
+        if isinstance(wav, torch.Tensor):  # tensors are not changed in place here; arrays may be: not cached
+            self._cache[id(wav)] = (wav, emb)
+        return emb
 
     def __call__(self, a, b) -> float:
         return float(np.dot(self.embed(a), self.embed(b)))

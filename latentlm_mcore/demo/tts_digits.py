@@ -72,25 +72,73 @@ def _accuracy_by_kind(pairs, recognizer) -> dict:
     return {k: recognizer_accuracy(v, recognizer) for k, v in kinds.items() if v}
 
 
-def pair_similarities(docs: list[dict], wavs: dict, similarity) -> dict:
-    """Mean Resemblyzer similarity of real pairs: two different utterances of one voice, and of two voices
-    (the same texts at the same speed), the references the prompt <-> output figure is read against."""
-    same, different = [], []
+def _tokenizer_metrics(real, recon) -> dict:
+    """Mean mel distance (DAC's), PESQ-WB and STOI of the σ-VAE's reconstructions of the held-out utterances."""
+    from latentlm_mcore.vae.audio_metrics import tokenizer_metrics
+    scores = [tokenizer_metrics(r, w, SAMPLE_RATE) for (w, _), (r, _) in zip(real, recon)]
+    return {k: float(np.mean([m[k] for m in scores])) for k in scores[0]}
+
+
+def pair_similarities(docs: list[dict], wavs, similarity) -> dict:
+    """Mean Resemblyzer similarity of real pairs, the references prompt <-> generated is read against. Both
+    sets compare the same texts at the same speeds, so only the voice differs between them: each pair is one
+    single digit spoken at the slowest speed and the same digit at the fastest (the corpus has one utterance per
+    (voice, text, speed), so the two sides of a pair differ in speed), in the same voice (`same_voice`) or in
+    the next voice in sorted order (`different_voice`). `docs`: any splits (the judge, not the model, sees
+    these); `wavs`: audio path -> waveform (a dict or anything with __getitem__)."""
     by_key = {(d["voice"], d["text"], d["speed"]): d["audio"] for d in docs}
     voices = sorted({d["voice"] for d in docs})
-    for d in docs:
-        if d["speed"] != docs[0]["speed"] or " " in d["text"]:
-            continue  # single digits at one speed: one pair per (voice, digit)
-        others = [o for o in docs if o["voice"] == d["voice"] and o["audio"] != d["audio"] and " " in o["text"]]
-        if others:
-            same.append(similarity(wavs[d["audio"]], wavs[others[0]["audio"]]))
-        other_voice = voices[(voices.index(d["voice"]) + 1) % len(voices)]
-        match = by_key.get((other_voice, d["text"], d["speed"]))
-        if match and other_voice != d["voice"]:
-            different.append(similarity(wavs[d["audio"]], wavs[match]))
-    return {"same_voice": float(np.mean(same)) if same else None, "same_voice_pairs": len(same),
+    speeds = sorted({d["speed"] for d in docs})
+    slow, fast = speeds[0], speeds[-1]
+    same, different = [], []
+    for voice in voices:
+        other = voices[(voices.index(voice) + 1) % len(voices)]
+        for text in sorted({d["text"] for d in docs if " " not in d["text"]}):
+            a = by_key.get((voice, text, slow))
+            b_same, b_other = by_key.get((voice, text, fast)), by_key.get((other, text, fast))
+            if a is None or b_same is None or b_other is None or other == voice or slow == fast:
+                continue  # a pair in one set only would break the match between the sets
+            same.append(similarity(wavs[a], wavs[b_same]))
+            different.append(similarity(wavs[a], wavs[b_other]))
+    return {"design": f"a single digit at {slow} wpm vs the same digit at {fast} wpm, same voice / next voice",
+            "same_voice": float(np.mean(same)) if same else None, "same_voice_pairs": len(same),
             "different_voice": float(np.mean(different)) if different else None,
             "different_voice_pairs": len(different)}
+
+
+def prompt_references(docs: list[dict], plan: list[dict], wavs, similarity) -> dict:
+    """For each planned (voice, digit): the voice prompt against the real utterance of that digit at the prompt's
+    speed in the prompt's voice (`same_voice`, what a perfect clone of the espeak voice would score) and in the
+    next voice (`different_voice`). The same prompt and text as prompt <-> generated: only the utterance differs.
+    Grouped by training / held-out voice."""
+    by_key = {(d["voice"], d["text"], d["speed"]): d["audio"] for d in docs}
+    speed_of = {d["audio"]: d["speed"] for d in docs}
+    voices = sorted({d["voice"] for d in docs})
+    out = {}
+    for p in plan:
+        prompt, speed = p["voice_audio"], speed_of[p["voice_audio"]]
+        other = voices[(voices.index(p["voice"]) + 1) % len(voices)]
+        same, diff = by_key.get((p["voice"], p["text"], speed)), by_key.get((other, p["text"], speed))
+        if same is None or diff is None:
+            continue
+        group = out.setdefault("heldout_voice" if p["heldout_voice"] else "training_voices", {"same": [], "diff": []})
+        group["same"].append(similarity(wavs[prompt], wavs[same]))
+        group["diff"].append(similarity(wavs[prompt], wavs[diff]))
+    return {k: {"same_voice": float(np.mean(v["same"])), "different_voice": float(np.mean(v["diff"])),
+                "pairs": len(v["same"])} for k, v in out.items()}
+
+
+class LazyWavs(dict):
+    """audio path (relative to the corpus) -> 16 kHz waveform, read on first use."""
+
+    def __init__(self, corpus: str):
+        super().__init__()
+        self.corpus = corpus
+
+    def __missing__(self, key):
+        from latentlm_mcore.data.prep.audio import load_audio
+        self[key] = load_audio(os.path.join(self.corpus, key), SAMPLE_RATE)
+        return self[key]
 
 
 def report(corpus: str, vae_file: str, plan: list[dict], generated: str, png: str | None = None) -> dict:
@@ -104,7 +152,8 @@ def report(corpus: str, vae_file: str, plan: list[dict], generated: str, png: st
     rate = vae.config.sample_rate
     recognizer, similarity = DigitRecognizer(), SpeakerSimilarity()
     docs = read_split(corpus, "heldout") + read_split(corpus, "heldout_voice")
-    wavs = {d["audio"]: load_audio(os.path.join(corpus, d["audio"]), SAMPLE_RATE) for d in docs}
+    all_docs = read_split(corpus, "train") + docs  # the similarity references: real audio, any split
+    wavs = LazyWavs(corpus)
     real = [(wavs[d["audio"]], d["text"]) for d in docs]
     recon = [(resample(reconstruct(vae, resample(wavs[d["audio"]], SAMPLE_RATE, rate)), rate, SAMPLE_RATE), d["text"])
              for d in docs]
@@ -126,31 +175,35 @@ def report(corpus: str, vae_file: str, plan: list[dict], generated: str, png: st
         "heldout_utterances": len(docs),
         "recognizer_real": _accuracy_by_kind(real, recognizer),
         "recognizer_reconstructed": _accuracy_by_kind(recon, recognizer),
+        "tokenizer_metrics": _tokenizer_metrics(real, recon),
         "recognizer_generated": {k: _accuracy_by_kind(v, recognizer) for k, v in gen_pairs.items() if v},
         "generated_stopped_by_eod": sum(o.get("stopped_by") == "eod" for o in outputs) / len(outputs),
         "generated_seconds_mean": float(np.mean([w.shape[0] / SAMPLE_RATE for w in gen])),
         "speaker_similarity": {
             "prompt_to_generated": {k: float(np.mean(v)) for k, v in prompt_sim.items() if v},
-            "real_pairs": pair_similarities(docs, wavs, similarity),
+            "prompt_to_real": prompt_references(all_docs, plan, wavs, similarity),
+            "real_pairs": pair_similarities(all_docs, wavs, similarity),
             "real_to_reconstructed": float(np.mean([similarity(w, r) for (w, _), (r, _) in zip(real, recon)])),
         },
     }
     if png:
-        write_mel_png(png, vae, docs, wavs, plan, gen)
+        write_mel_png(png, all_docs, wavs, plan, gen)
     return result
 
 
-def write_mel_png(path: str, vae, docs, wavs, plan, gen) -> None:
-    """Log-mel spectrograms: for each digit, the real utterance of the first planned voice above the generated one."""
+def write_mel_png(path: str, docs, wavs, plan, gen) -> None:
+    """Log-mel spectrograms: for each digit, the real utterance of the first planned voice (at its prompt's
+    speed, any split) above the generated one."""
     from latentlm_mcore.runtime.files import atomic_write
     from latentlm_mcore.vae.audio_losses import MultiResolutionMelLoss
     from latentlm_mcore.vae.audio_trainer import mel_image
 
     mel = MultiResolutionMelLoss(SAMPLE_RATE)
     voice = plan[0]["voice"]
+    speed = next((d["speed"] for d in docs if d["audio"] == plan[0]["voice_audio"]), None)
     real_by_text = {}
     for d in docs:
-        if d["voice"] == voice:
+        if d["voice"] == voice and d["speed"] == speed:
             real_by_text.setdefault(d["text"], wavs[d["audio"]])
     mels = []
     for w, p in zip(gen, plan):
@@ -189,7 +242,9 @@ def main(argv=None):
         for item in plan:
             print("--prompt", item["text"], "--voice", os.path.join(args.corpus, item["voice_audio"]), sep="\n")
         return
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # OMP_NUM_THREADS when set (the script's 1): on a shared machine two threads of Resemblyzer's small LSTM
+    # spend their time in OpenMP barriers waiting for each other
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
     with open(args.prompts, encoding="utf-8") as f:
         plan = json.load(f)
     result = {**json.loads(args.extra), **report(args.corpus, args.vae, plan, args.generated, args.png)}

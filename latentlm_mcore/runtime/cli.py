@@ -83,6 +83,8 @@ def parse_value(hint, raw, key: str):
             return raw.lower() in ("1", "true", "yes")
         if kind in (int, float, str):
             return kind(raw)
+        if kind is tuple or typing.get_origin(kind) is tuple:  # "8,5,10" (e.g. --model.strides of the audio σ-VAE)
+            return tuple(int(x) for x in raw.split(",") if x.strip())
     except ValueError:
         raise ValueError(f"config key {key!r}: cannot parse {raw!r} as {kind.__name__}") from None
     raise TypeError(f"config key {key!r}: no command-line parser for fields of type {hint}")

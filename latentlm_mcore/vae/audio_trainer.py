@@ -62,6 +62,8 @@ class AudioTrainConfig:
     adam_beta2: float = 0.99
     clip_grad: float = 1.0
     mel_weight: float = 15.0  # DAC's loss weights
+    mel_clamp: float = 1e-5  # the training loss's mel magnitude floor (DAC's 1e-5; the eval mel distance keeps it):
+    # above the floor of digital silence, so the loss is not spent on how quiet a pause is (espeak-ng: 42% zeros)
     gan_start_step: int = -1  # step at which the discriminators switch on; -1: never
     gan_loss: Literal["hinge", "lsgan"] = "hinge"
     adversarial_weight: float = 1.0
@@ -81,6 +83,8 @@ class AudioTrainConfig:
     def __post_init__(self):
         if self.gan_loss not in ("hinge", "lsgan"):
             raise ValueError(f"AudioTrainConfig.gan_loss must be 'hinge' or 'lsgan', got {self.gan_loss!r}")
+        if self.mel_clamp <= 0:
+            raise ValueError("AudioTrainConfig.mel_clamp must be positive (log10 of the clamped mel)")
         if self.crop_seconds <= 0 or self.batch_size <= 0:
             raise ValueError("AudioTrainConfig.crop_seconds and batch_size must be positive")
 
@@ -176,7 +180,7 @@ class AudioSigmaVAETrainer(VAETrainer):
             raise ValueError(f"crop_seconds {cfg.crop_seconds} is shorter than one latent ({hop} samples)")
 
         self.vae = AudioSigmaVAE(model_cfg).to(self.device)
-        self.mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate).to(self.device)
+        self.mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate, clamp_eps=cfg.mel_clamp).to(self.device)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
         self.disc = self.disc_opt = None

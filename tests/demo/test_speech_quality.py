@@ -40,3 +40,27 @@ def test_speaker_similarity_same_voice_above_different_voice(tmp_path):
     c = say("eight two seven six", "en-us+f3")
     assert abs(sim(a, a) - 1.0) < 1e-5
     assert sim(a, b) > sim(a, c)
+
+
+def test_speaker_embeddings_are_cached_per_waveform_object():
+    """A report compares one prompt with many utterances: the same tensor is embedded once, another one (even
+    with equal samples) again; numpy arrays, which may change in place, are never cached."""
+    import numpy as np
+    from latentlm_mcore.demo.speech_quality import SpeakerSimilarity
+
+    class CountingEncoder:
+        calls = 0
+
+        def embed_utterance(self, wav):
+            CountingEncoder.calls += 1
+            return np.ones(4) / 2.0
+
+    sim = SpeakerSimilarity.__new__(SpeakerSimilarity)  # no Resemblyzer weights: a stand-in encoder
+    sim.encoder, sim._cache = CountingEncoder(), {}
+    wav = 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    assert sim(wav, wav) == pytest.approx(1.0) and CountingEncoder.calls == 1
+    sim(wav, wav.clone())
+    assert CountingEncoder.calls == 2
+    sim.embed(wav.numpy())
+    sim.embed(wav.numpy())
+    assert CountingEncoder.calls == 4

@@ -26,7 +26,7 @@ def test_tts_digits_demo_runs_reports_and_resumes(tmp_path):
     run_demo(out, tmp_path)
     report = json.loads((out / "report.json").read_text())
     for key in ("recognizer_real", "recognizer_reconstructed", "recognizer_generated", "speaker_similarity",
-                "generated_stopped_by_eod", "audio_vae_steps", "tts_steps"):
+                "generated_stopped_by_eod", "audio_vae_steps", "tts_steps", "tokenizer_metrics"):
         assert key in report, key
     assert set(report["recognizer_generated"]) == {"training_voices", "heldout_voice"}
     assert report["recognizer_generated"]["training_voices"]["all"]["utterances"] == 40  # 4 voices x 10 digits
@@ -34,7 +34,11 @@ def test_tts_digits_demo_runs_reports_and_resumes(tmp_path):
     assert 0 <= report["recognizer_real"]["all"]["utterance_accuracy"] <= 1
     sims = report["speaker_similarity"]
     assert set(sims["prompt_to_generated"]) == {"training_voices", "heldout_voice"}
-    assert sims["real_pairs"]["same_voice_pairs"] > 0 and sims["real_pairs"]["different_voice_pairs"] > 0
+    # every voice x digit, both sets alike (slow vs fast speed); prompt <-> real for every planned digit
+    assert sims["real_pairs"]["same_voice_pairs"] == sims["real_pairs"]["different_voice_pairs"] == 50
+    assert sims["prompt_to_real"]["training_voices"]["pairs"] == 40
+    assert sims["prompt_to_real"]["heldout_voice"]["pairs"] == 10
+    assert set(report["tokenizer_metrics"]) == {"mel_distance", "pesq_wb", "stoi"}
     assert str(tmp_path) not in json.dumps(report)  # no machine paths
     assert (out / "mel.png").is_file() and len(list((out / "samples").glob("*.wav"))) == 50
     second = run_demo(out, tmp_path)

@@ -91,3 +91,15 @@ def test_bad_values_and_keys_are_named():
         apply_overrides(get_preset("tiny"), {"model.nope": "1"})
     with pytest.raises(ValueError, match="patch_size"):  # the config's own checks run on the result
         apply_overrides(SIGMA_VAE_PRESETS["tiny"], {"image_size": "36"})
+
+
+def test_audio_vae_strides_parse_from_a_comma_list():
+    from latentlm_mcore.vae.audio_config import AUDIO_VAE_PRESETS, AudioVAEConfig
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, AudioVAEConfig, "model.")
+    args = parser.parse_args(["--model.strides", "8,5,10", "--model.latent-dim", "32"])
+    cfg = apply_overrides(AUDIO_VAE_PRESETS["tiny"], config_overrides(args, "model."))
+    assert cfg.strides == (8, 5, 10) and cfg.hop_length == 400 and cfg.latent_dim == 32
+    assert AUDIO_VAE_PRESETS["tiny"].strides == (2, 4, 5, 10)  # the preset itself is untouched
+    with pytest.raises(ValueError, match="'strides': cannot parse '8,x' as tuple"):
+        apply_overrides(AUDIO_VAE_PRESETS["tiny"], {"strides": "8,x"})

@@ -68,6 +68,21 @@ def test_a_few_steps_lower_the_reconstruction_loss(speech, tmp_path):
     assert mel_now() < 0.8 * before
 
 
+def test_mel_floor_ignores_how_quiet_a_pause_is(speech, tmp_path):
+    """--mel-clamp: with the floor above a faint hiss, a reconstruction that only adds hiss in the digital
+    silence costs nothing in the training loss; DAC's 1e-5 floor (the default) and the eval mel distance see it."""
+    from latentlm_mcore.vae.audio_metrics import mel_distance
+    floored = AudioSigmaVAETrainer(SMALL, config(speech, tmp_path / "floored", mel_clamp=1e-2))
+    default = AudioSigmaVAETrainer(SMALL, config(speech, tmp_path / "default"))
+    wav = torch.zeros(1, 4000)
+    wav[0, 1000:3000] = 0.3 * torch.sin(torch.arange(2000) * 0.2)  # a tone between two silent stretches
+    hiss = wav.clone()
+    hiss[0, :1000] = 1e-5 * torch.randn(1000, generator=torch.Generator().manual_seed(0))  # the first pause only
+    assert float(default.mel_loss(hiss, wav)) > 0.05
+    assert float(floored.mel_loss(hiss, wav)) < 0.01 * float(default.mel_loss(hiss, wav))  # windows at the tone's edge
+    assert mel_distance(hiss[0], wav[0], SMALL.sample_rate) == pytest.approx(float(default.mel_loss(hiss, wav)))
+
+
 def test_gan_switches_on_at_gan_start_step(speech, tmp_path):
     trainer = AudioSigmaVAETrainer(SMALL, config(speech, tmp_path, gan_start_step=2))
     disc_before = {k: v.clone() for k, v in trainer.disc.state_dict().items()}
