@@ -17,7 +17,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 OUT="${TTS_DEMO_DIR:-runs/tts_digits_demo}"
 PHRASES="${TTS_DEMO_PHRASES:-30}"
-VAE_STEPS="${TTS_DEMO_VAE_STEPS:-600}"
+VAE_STEPS="${TTS_DEMO_VAE_STEPS:-2400}"  # 600 stayed unintelligible (README: the σ-VAE recipe search, run J)
 STEPS="${TTS_DEMO_STEPS:-1000}"
 WARMUP=$(( STEPS / 10 < 20 ? STEPS / 10 : 20 ))
 LATENT_DIM=32  # the demo σ-VAE's (README: Speech, deviations)
@@ -43,7 +43,8 @@ stage 3 "audio σ-VAE ($VAE_STEPS steps, reconstruction losses only) -> $OUT/aud
 if [ -f "$OUT/audio_vae/audio_vae.pt" ] && grep -qs "\"iteration\": $VAE_STEPS, \"split\": \"eval\"" "$OUT/audio_vae/metrics.jsonl"; then
   skip "$OUT/audio_vae/audio_vae.pt"
 else
-  $PY pretrain/train_audio_vae.py --preset tiny --model.latent-dim "$LATENT_DIM" --model.strides "$VAE_STRIDES" \
+  # one process: every core for it (the LM stage keeps one thread a process)
+  OMP_NUM_THREADS="$(nproc)" $PY pretrain/train_audio_vae.py --preset tiny --model.latent-dim "$LATENT_DIM" --model.strides "$VAE_STRIDES" \
     --mel-clamp "$VAE_MEL_CLAMP" \
     --train-data "$OUT/corpus/train.jsonl" --eval-data "$OUT/corpus/heldout.jsonl" --out-dir "$OUT/audio_vae" \
     --train-steps "$VAE_STEPS" --batch-size 8 --crop-seconds 0.5 --lr 3e-3 --warmup-steps 20 \
