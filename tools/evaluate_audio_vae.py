@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from latentlm_mcore.data.prep.audio import load_audio, resample  # noqa: E402
 from latentlm_mcore.demo.speech_corpus import SAMPLE_RATE  # noqa: E402
 from latentlm_mcore.demo.speech_quality import DigitRecognizer, SpeakerSimilarity, recognizer_accuracy  # noqa: E402
-from latentlm_mcore.vae.audio_metrics import tokenizer_metrics  # noqa: E402
+from latentlm_mcore.vae.audio_metrics import mean_tokenizer_metrics  # noqa: E402
 from latentlm_mcore.demo.tts_digits import reconstruct  # noqa: E402
 from latentlm_mcore.vae.audio_model import load_audio_vae  # noqa: E402
 
@@ -35,7 +35,7 @@ TRAIN_KEYS = ("train_steps", "batch_size", "crop_seconds", "lr", "gan_start_step
 
 def evaluate_split(vae, corpus: str, split: str, recognizer, similarity) -> dict:
     rate = vae.config.sample_rate
-    real, recon, metrics, sims = [], [], [], []
+    real, recon, pairs, sims = [], [], [], []
     with open(os.path.join(corpus, f"{split}.jsonl"), encoding="utf-8") as f:
         docs = [json.loads(line) for line in f if line.strip()]
     for doc in docs:
@@ -43,12 +43,12 @@ def evaluate_split(vae, corpus: str, split: str, recognizer, similarity) -> dict
         seg = next(s for s in doc["segments"] if "audio" in s)
         wav = load_audio(os.path.join(corpus, seg["audio"]), rate, seg.get("start"), seg.get("end"), doc_id=doc["id"])
         out = reconstruct(vae, wav)
-        metrics.append(tokenizer_metrics(out, wav, rate))
+        pairs.append((out, wav))
         wav16, out16 = resample(wav, rate, SAMPLE_RATE), resample(out, rate, SAMPLE_RATE)  # the recognizer's rate
         real.append((wav16, text))
         recon.append((out16, text))
         sims.append(similarity(wav16, out16))
-    mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[0]}
+    mean = mean_tokenizer_metrics(pairs, rate)
     return {"utterances": len(docs), **mean, "speaker_similarity_to_real": float(np.mean(sims)),
             "recognizer_real": recognizer_accuracy(real, recognizer),
             "recognizer_reconstructed": recognizer_accuracy(recon, recognizer)}

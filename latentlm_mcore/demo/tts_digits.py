@@ -72,11 +72,9 @@ def _accuracy_by_kind(pairs, recognizer) -> dict:
     return {k: recognizer_accuracy(v, recognizer) for k, v in kinds.items() if v}
 
 
-def _tokenizer_metrics(real, recon) -> dict:
-    """Mean mel distance (DAC's), PESQ-WB and STOI of the σ-VAE's reconstructions of the held-out utterances."""
-    from latentlm_mcore.vae.audio_metrics import tokenizer_metrics
-    scores = [tokenizer_metrics(r, w, SAMPLE_RATE) for (w, _), (r, _) in zip(real, recon)]
-    return {k: float(np.mean([m[k] for m in scores])) for k in scores[0]}
+def _next_voice(voices: list[str], voice: str) -> str:
+    """The "different voice" of a reference pair: the next voice in sorted order."""
+    return voices[(voices.index(voice) + 1) % len(voices)]
 
 
 def pair_similarities(docs: list[dict], wavs, similarity) -> dict:
@@ -92,7 +90,7 @@ def pair_similarities(docs: list[dict], wavs, similarity) -> dict:
     slow, fast = speeds[0], speeds[-1]
     same, different = [], []
     for voice in voices:
-        other = voices[(voices.index(voice) + 1) % len(voices)]
+        other = _next_voice(voices, voice)
         for text in sorted({d["text"] for d in docs if " " not in d["text"]}):
             a = by_key.get((voice, text, slow))
             b_same, b_other = by_key.get((voice, text, fast)), by_key.get((other, text, fast))
@@ -117,7 +115,7 @@ def prompt_references(docs: list[dict], plan: list[dict], wavs, similarity) -> d
     out = {}
     for p in plan:
         prompt, speed = p["voice_audio"], speed_of[p["voice_audio"]]
-        other = voices[(voices.index(p["voice"]) + 1) % len(voices)]
+        other = _next_voice(voices, p["voice"])
         same, diff = by_key.get((p["voice"], p["text"], speed)), by_key.get((other, p["text"], speed))
         if same is None or diff is None:
             continue
@@ -147,6 +145,7 @@ def report(corpus: str, vae_file: str, plan: list[dict], generated: str, png: st
     from latentlm_mcore.data.prep.audio import load_audio, resample
     from latentlm_mcore.demo.speech_quality import DigitRecognizer, SpeakerSimilarity
     from latentlm_mcore.vae.audio_model import load_audio_vae
+    from latentlm_mcore.vae.audio_metrics import mean_tokenizer_metrics
 
     vae = load_audio_vae(vae_file).eval()
     rate = vae.config.sample_rate
@@ -175,7 +174,7 @@ def report(corpus: str, vae_file: str, plan: list[dict], generated: str, png: st
         "heldout_utterances": len(docs),
         "recognizer_real": _accuracy_by_kind(real, recognizer),
         "recognizer_reconstructed": _accuracy_by_kind(recon, recognizer),
-        "tokenizer_metrics": _tokenizer_metrics(real, recon),
+        "tokenizer_metrics": mean_tokenizer_metrics([(r, w) for (w, _), (r, _) in zip(real, recon)], SAMPLE_RATE),
         "recognizer_generated": {k: _accuracy_by_kind(v, recognizer) for k, v in gen_pairs.items() if v},
         "generated_stopped_by_eod": sum(o.get("stopped_by") == "eod" for o in outputs) / len(outputs),
         "generated_seconds_mean": float(np.mean([w.shape[0] / SAMPLE_RATE for w in gen])),

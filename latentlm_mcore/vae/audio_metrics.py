@@ -45,3 +45,9 @@ def tokenizer_metrics(recon: torch.Tensor, ref: torch.Tensor, sample_rate: int) 
     recon, ref = recon[..., :n], ref[..., :n]
     return {"mel_distance": mel_distance(recon, ref, sample_rate), "pesq_wb": pesq_wb(recon, ref, sample_rate),
             "stoi": stoi(recon, ref, sample_rate)}
+
+
+def mean_tokenizer_metrics(pairs, sample_rate: int) -> dict:
+    """`tokenizer_metrics` averaged over (reconstruction, reference) pairs: a tokenizer's figures on a set."""
+    scores = [tokenizer_metrics(recon, ref, sample_rate) for recon, ref in pairs]
+    return {k: float(sum(m[k] for m in scores) / len(scores)) for k in scores[0]}
