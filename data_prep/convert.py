@@ -22,7 +22,7 @@ import glob
 import json
 from collections import Counter
 
-from latentlm_mcore.data.prep import convert
+from latentlm_mcore.data.prep import convert, convert_speech
 
 
 def main(argv=None):
@@ -50,9 +50,9 @@ def main(argv=None):
         index = convert.load_class_index(args.class_index) if args.class_index else None
         docs = convert.convert_imagefolder(paths[0], skipped, index, args.image_root)
     elif args.format == "librispeech":
-        docs = convert.convert_librispeech(paths, skipped)
+        docs = convert_speech.convert_librispeech(paths, skipped)
     elif args.format == "libriheavy":
-        docs = convert.convert_libriheavy(paths, skipped)
+        docs = convert_speech.convert_libriheavy(paths, skipped)
     elif args.format == "obelics":
         docs = convert.convert_obelics(paths, args.image_root, skipped, convert.load_url_map(args.url_map))
     else:

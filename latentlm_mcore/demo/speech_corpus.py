@@ -74,7 +74,7 @@ def build_speech_corpus(out_dir: str, phrases: int = 30, voices=TRAIN_VOICES, he
                 split = ("heldout_voice" if voice == heldout_voice
                          else "heldout" if _is_heldout(text, voice, speed) else "train")
                 splits[split].append(doc)
-    from latentlm_mcore.data.prep.convert import add_voice_prompts
+    from latentlm_mcore.data.prep.convert_speech import add_voice_prompts
 
     for name, docs in splits.items():
         add_voice_prompts(docs)  # prompts from the same split and voice: held-out audio never enters training

@@ -5,7 +5,7 @@ import numpy as np
 import soundfile as sf
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.prep.convert import convert_libriheavy, convert_librispeech
+from latentlm_mcore.data.prep.convert_speech import convert_libriheavy, convert_librispeech
 
 
 def _wav(path, seconds=0.5, rate=16000):
