@@ -1,6 +1,6 @@
 """The spoken-digits corpus of the TTS demo (issue 13 item 5): espeak-ng, in several voices and speeds, saying
 the ten digit words and short digit phrases, written as 16 kHz mono WAV files plus raw JSONL of source `speech`
-(segments {"voice"} — the voice's next utterance in the same split, first 3 s — {"text"}, {"audio", "start",
+(segments {"voice"} — a random other utterance of the voice in the same split, first 3 s — {"text"}, {"audio", "start",
 "end"}, and the speaker = voice).
 
 Splits: `train.jsonl` (training voices, most utterances), `heldout.jsonl` (training voices, utterances none of
@@ -77,7 +77,10 @@ def build_speech_corpus(out_dir: str, phrases: int = 30, voices=TRAIN_VOICES, he
     from latentlm_mcore.data.prep.convert_speech import add_voice_prompts
 
     for name, docs in splits.items():
-        add_voice_prompts(docs)  # prompts from the same split and voice: held-out audio never enters training
+        # prompts from the same split and voice (held-out audio never enters training), a random utterance of it:
+        # with the next one in id order, digit k is always prompted with digit k+1 at its own speed, and a model
+        # learns the prompt's length and content instead of the text's
+        add_voice_prompts(docs, rng=random.Random(f"voice prompts {name}"))
         with open(os.path.join(out_dir, f"{name}.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(d) + "\n" for d in docs)
     return {name: len(docs) for name, docs in splits.items()}

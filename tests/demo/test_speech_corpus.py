@@ -26,7 +26,8 @@ def test_corpus_splits_and_audio(tmp_path):
         {(d["speaker"], d["segments"][-2]["text"]) for d in held}
     doc = train[0]
     assert doc["source"] == "speech" and doc["segments"][-2]["text"] in digit_texts(2)
-    # voice prompts: another utterance of the same voice in the same split, at most 3 s
+    # voice prompts: another utterance of the same voice in the same split, at most 3 s, not the next text
+    assert sum(d["segments"][0]["voice"] == n["segments"][-1]["audio"] for d, n in zip(train, train[1:])) < len(train) // 2
     by_id = {d["segments"][-1]["audio"]: d for d in train}
     for d in train:
         prompt = d["segments"][0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections import Counter
 from typing import Iterator
 
@@ -27,10 +28,14 @@ def _speech_doc(doc_id: str, text: str, audio: str, start: float, end: float, sp
 VOICE_PROMPT_SECONDS = 3.0
 
 
-def add_voice_prompts(docs: list[dict], seconds: float = VOICE_PROMPT_SECONDS) -> list[dict]:
+def add_voice_prompts(docs: list[dict], seconds: float = VOICE_PROMPT_SECONDS,
+                      rng: random.Random | None = None) -> list[dict]:
     """Give each speech document a voice prompt (schema): the next utterance of the same speaker in sorted id
     order (the last one takes the first), cut to its first `seconds`; none when the speaker is unknown ("") or
-    has one utterance. Deterministic, so a rerun writes the same JSONL."""
+    has one utterance. With `rng` the order is a seeded shuffle of the sorted one: a random other utterance of
+    the speaker, for corpora whose id order ties an utterance to its prompt's content or length (the spoken
+    digits: digit k's next utterance is digit k+1 at the same speed). Deterministic, so a rerun writes the same
+    JSONL."""
     by_speaker: dict[str, list[dict]] = {}
     for d in docs:
         if d.get("speaker"):
@@ -39,6 +44,8 @@ def add_voice_prompts(docs: list[dict], seconds: float = VOICE_PROMPT_SECONDS) -
         if len(group) < 2:
             continue
         group = sorted(group, key=lambda d: d["id"])
+        if rng is not None:
+            rng.shuffle(group)
         for d, other in zip(group, group[1:] + group[:1]):
             src = other["segments"][-1]
             start = src.get("start") or 0.0

@@ -1,11 +1,12 @@
 import json
+import random
 from collections import Counter
 
 import numpy as np
 import soundfile as sf
 
 from latentlm_mcore.data import schema
-from latentlm_mcore.data.prep.convert_speech import convert_libriheavy, convert_librispeech
+from latentlm_mcore.data.prep.convert_speech import add_voice_prompts, convert_libriheavy, convert_librispeech
 
 
 def _wav(path, seconds=0.5, rate=16000):
@@ -66,3 +67,24 @@ def test_libriheavy_voice_prompt_is_a_cut_of_the_same_speaker_at_most_3_s(tmp_pa
     assert docs["u2"]["segments"][0] == {"voice": "book0.flac", "start": 0.0, "end": 3.0}  # u0, cut to 3 s
     assert docs["u1"]["segments"][0] == {"voice": "book1.flac", "start": 30.0, "end": 33.0}
     assert "voice" not in docs["u4"]["segments"][0]  # unknown speaker: no prompt
+
+
+def _speaker_docs():
+    return [{"id": f"{s}-{i:03d}", "speaker": s, "segments": [{"text": "x"}, {"audio": f"{s}/{i}.wav", "start": 0.0,
+                                                                          "end": 1.0 + i / 10}]}
+            for s in ("a", "b") for i in range(10)]
+
+
+def test_seeded_voice_prompts_are_another_utterance_of_the_speaker_not_the_next_one():
+    nxt = {d["id"]: d["segments"][0]["voice"] for d in add_voice_prompts(_speaker_docs())}
+    assert nxt["a-003"] == "a/4.wav" and nxt["a-009"] == "a/0.wav"  # sorted order, the last takes the first
+    picks = [{d["id"]: d["segments"][0] for d in add_voice_prompts(_speaker_docs(), rng=random.Random("s"))}
+             for _ in range(2)]
+    assert picks[0] == picks[1]  # the same seed, the same prompts: a rerun writes the same JSONL
+    chosen = {i: p["voice"] for i, p in picks[0].items()}
+    for doc_id, voice in chosen.items():
+        speaker, index = doc_id.split("-")
+        assert voice.startswith(speaker + "/") and voice != f"{speaker}/{int(index)}.wav"
+    assert sorted(chosen.values()) == sorted(nxt.values())  # each utterance prompts one other
+    assert sum(chosen[i] != nxt[i] for i in chosen) >= 10  # and mostly not the next one
+    assert picks[0]["a-005"]["end"] == float(chosen["a-005"].split("/")[1].split(".")[0]) / 10 + 1.0
