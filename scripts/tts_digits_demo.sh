@@ -9,7 +9,7 @@
 # continues from its latest checkpoint. Settings (environment variables):
 #   TTS_DEMO_DIR          where everything goes (default runs/tts_digits_demo)
 #   TTS_DEMO_PHRASES      digit phrases besides the ten digits in the corpus (default 30)
-#   TTS_DEMO_VAE_STEPS    audio σ-VAE steps (default 600)
+#   TTS_DEMO_VAE_STEPS    audio σ-VAE steps (default 2400)
 #   TTS_DEMO_STEPS        tts-tiny steps (default: the preset's 1000)
 #   TTS_DEMO_REPORT       also write the figures to the repository (bench/results, docs/) when 1 (default 0)
 set -euo pipefail
