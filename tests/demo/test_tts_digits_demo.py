@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # minutes: the corpus, two trainings, TP=2 launch, recognizer and speaker encoder
+pytestmark = pytest.mark.slow  # minutes: the corpus, two trainings, 2-process launch, recognizer and speaker encoder
 
 REPO = Path(__file__).resolve().parents[2]
 
