@@ -58,14 +58,13 @@ if [ "$OUT/data/manifest.json" -nt "$OUT/audio_vae/audio_vae.pt" ]; then skip "$
     --audio-vae "$OUT/audio_vae/audio_vae.pt" --tokenizer cl100k_base:8192 --output "$OUT/data"
 fi
 
-# data-parallel, not the preset's TP=2: at this width the per-layer all-reduces cost 17% (3,240 vs 3,780 tok/s)
 stage 5 "training tts-tiny ($STEPS steps, data-parallel on 2 processes) -> $OUT/model"
 if [ "$(cat "$OUT/model/latest" 2>/dev/null)" = "$(printf 'iter_%07d' "$STEPS")" ] \
    && [ "$OUT/model/latest" -nt "$OUT/data/manifest.json" ]; then
   skip "$OUT/model/$(cat "$OUT/model/latest")"
 else
   $PY -m torch.distributed.run --standalone --nproc-per-node 2 pretrain/pretrain_latentlm.py --preset tts-tiny \
-    --model.latent-dim "$LATENT_DIM" --parallel.tensor-parallel 1 --data "$OUT/data" --save "$OUT/model" --proportions speech=1 \
+    --model.latent-dim "$LATENT_DIM" --data "$OUT/data" --save "$OUT/model" --proportions speech=1 \
     --num-workers 1 --log-interval 10 --save-interval 100 --tensorboard false \
     --train.train-steps "$STEPS" --train.warmup-steps "$WARMUP"
 fi
