@@ -86,12 +86,19 @@ CHURN_SCRIPT = textwrap.dedent("""
     from multiprocessing.shared_memory import SharedMemory
     from streaming.base.constant import SHM_TO_CLEAN
 
-    # Runs that start and die at the lowest free prefix, as generations relaunched after SIGKILLs do.
+    # Runs that start and die at the lowest free prefix, as generations relaunched after SIGKILLs do. Like a real
+    # run, one owns a prefix by creating its `_locals` first: a prefix whose `_locals` appeared since the scan is
+    # someone else's (the run under test), and planting segments there would be a bug no real run has.
     stop = sys.argv[1]
     while not os.path.exists(stop):
         prefix = next(p for p in range(10**6) if not os.path.exists(f"/dev/shm/{p:06}_locals"))
-        made = []
+        try:
+            made = [SharedMemory(f"{prefix:06}_locals", True, 8)]
+        except FileExistsError:
+            continue
         for name in SHM_TO_CLEAN:
+            if name == "locals":
+                continue
             try:
                 made.append(SharedMemory(f"{prefix:06}_{name}", True, 8))
             except FileExistsError:
