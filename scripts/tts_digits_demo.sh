@@ -76,8 +76,10 @@ if [ "$OUT/samples/speech.json" -nt "$OUT/model/latest" ]; then skip "$OUT/sampl
     --output "$OUT/samples"
 fi
 
-stage 7 "report: recognizer accuracy (real / reconstructed / generated), speaker similarity -> $OUT/report.json"
-extra="{\"date\": \"$(date -u +%F)\", \"audio_vae_steps\": $VAE_STEPS, \"tts_steps\": $STEPS, \"phrases\": $PHRASES, \"latent_dim\": $LATENT_DIM}"
+stage 7 "report: recognizer accuracy (real / reconstructed / generated / teacher-forced), speaker similarity -> $OUT/report.json"
+# what limits the generated speech, the σ-VAE's latents or the LM (demo/tts_diagnosis.py): one forward pass per utterance
+$PY -m latentlm_mcore.demo.tts_diagnosis --checkpoint "$OUT/model" --corpus "$OUT/corpus" --output "$OUT/diagnosis.json" > /dev/null
+extra="{\"date\": \"$(date -u +%F)\", \"audio_vae_steps\": $VAE_STEPS, \"tts_steps\": $STEPS, \"phrases\": $PHRASES, \"latent_dim\": $LATENT_DIM, \"diagnosis\": $(cat "$OUT/diagnosis.json")}"
 $PY -m latentlm_mcore.demo.tts_digits report --corpus "$OUT/corpus" --vae "$OUT/audio_vae/audio_vae.pt" \
   --prompts "$OUT/prompts.json" --generated "$OUT/samples" --output "$OUT/report.json" --png "$OUT/mel.png" \
   --extra "$extra"

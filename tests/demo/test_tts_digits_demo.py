@@ -39,6 +39,10 @@ def test_tts_digits_demo_runs_reports_and_resumes(tmp_path):
     assert sims["prompt_to_real"]["training_voices"]["pairs"] == 40
     assert sims["prompt_to_real"]["heldout_voice"]["pairs"] == 10
     assert set(report["tokenizer_metrics"]) == {"mel_distance", "pesq_wb", "stoi"}
+    diagnosis = report["diagnosis"]  # demo/tts_diagnosis.py on the trained model
+    assert set(diagnosis["recognizer"]) == {"real", "reconstructed", "reconstructed_from_samples", "teacher_forced"}
+    assert diagnosis["utterances"] > 0 and set(diagnosis["next_latent_mse"]) == {"teacher_forced", "previous_latent",
+                                                                                 "other_utterance"}
     assert str(tmp_path) not in json.dumps(report)  # no machine paths
     assert (out / "mel.png").is_file() and len(list((out / "samples").glob("*.wav"))) == 50
     second = run_demo(out, tmp_path)
