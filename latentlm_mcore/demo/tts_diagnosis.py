@@ -145,6 +145,8 @@ def main(argv=None):
     p.add_argument("--diffusion-steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from latentlm_mcore.runtime.logs import install_warning_filters
+    install_warning_filters()  # before megatron's import: its known-benign warnings once or not at all
     result = diagnose(args.checkpoint, args.corpus, args.cfg_scale, args.diffusion_steps, args.seed)
     from latentlm_mcore.runtime.files import atomic_write
     with atomic_write(args.output, "w") as f:
