@@ -13,16 +13,11 @@ import pytest
 
 from latentlm_mcore.training.sample_ids import committed_steps
 from tests.conftest import REPO
+from tests.slurm.commands import sh
 
 pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
 
 STEPS = 6
-
-
-def sh(env, *cmd) -> str:
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"{' '.join(cmd)}: {out.stdout}{out.stderr}"
-    return out.stdout.strip()
 
 
 def losses(save: Path) -> list[tuple[int, float, float]]:

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.slurm.test_multinode import STEPS, losses, run_job, sh, submit
-from tests.slurm.test_pretrain_launcher import wait
+from tests.slurm.commands import sh, wait
+from tests.slurm.test_multinode import STEPS, losses, run_job, submit
 
 pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
 

@@ -21,7 +21,7 @@ import pytest
 
 from latentlm_mcore.data.schema import part_name
 from tests.conftest import REPO
-from tests.slurm.test_multinode import sh
+from tests.slurm.commands import sh
 
 pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
 

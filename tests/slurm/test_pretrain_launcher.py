@@ -10,29 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.slurm.commands import sh, wait
 
 pytestmark = pytest.mark.slow  # over ~15 s: outside the fast tier (-m "not slow")
 
 STEPS = 16
 
 
-def sh(env, *cmd) -> str:
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, f"{' '.join(cmd)}: {out.stdout}{out.stderr}"
-    return out.stdout.strip()
-
-
 def job_field(env, job: str, field: str) -> str:
     return sh(env, "squeue", "-h", "-j", job, "-o", field)
-
-
-def wait(condition, what: str, log: Path, timeout=600):
-    end = time.time() + timeout
-    while time.time() < end:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; job output:\n{log.read_text()[-4000:] if log.exists() else ''}")
 
 
 def iterations(save: Path) -> list[int]:

@@ -50,7 +50,9 @@ if [ ! -f "$STATE/munge/munge.key" ]; then
   dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1 count=1024 2>/dev/null
   chmod 400 "$STATE/munge/munge.key"
 fi
-in_ns "$hub" ctl munged -F -f --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/munge.key" \
+# 10 threads, not munged's 2: every daemon and client here shares this one munged (Slurm's own advice
+# when credentials fail under load; CI saw squeue die of SIGPIPE as a job finished)
+in_ns "$hub" ctl munged -F -f --num-threads=10 --socket="$STATE/munge/munge.socket" --key-file="$STATE/munge/munge.key" \
   --log-file="$STATE/log/munged.log" --pid-file="$STATE/run/munged.pid" --seed-file="$STATE/munge/munged.seed" \
   > "$STATE/log/munged.out" 2>&1 &
 for _ in $(seq 1 40); do [ -S "$STATE/munge/munge.socket" ] && break; sleep 0.25; done
