@@ -14,15 +14,6 @@ DAC_MEL_WINDOWS = (32, 64, 128, 256, 512, 1024, 2048)
 DAC_MEL_BANDS = (5, 10, 20, 40, 80, 160, 320)
 
 
-def dac_mel_bands(windows) -> tuple:
-    """DAC's mel band count for each of `windows` (each one of DAC's windows)."""
-    bands = dict(zip(DAC_MEL_WINDOWS, DAC_MEL_BANDS))
-    unknown = [w for w in windows if w not in bands]
-    if unknown or not windows:
-        raise ValueError(f"mel windows {tuple(windows)}: each must be one of DAC's {DAC_MEL_WINDOWS}")
-    return tuple(bands[w] for w in windows)
-
-
 def slaney_mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, fmin: float = 0.0, fmax: float | None = None):
     """librosa.filters.mel(htk=False, norm='slaney'): [n_mels, n_fft // 2 + 1]; written out so that no
     librosa/torchaudio is needed."""

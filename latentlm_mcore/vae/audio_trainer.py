@@ -35,8 +35,8 @@ from latentlm_mcore.data.prep.audio import load_audio
 from latentlm_mcore.runtime.files import atomic_write
 from latentlm_mcore.runtime.lease import check_may_publish
 from latentlm_mcore.vae.audio_config import AudioVAEConfig
-from latentlm_mcore.vae.audio_losses import (DAC_MEL_WINDOWS, AudioDiscriminator, MultiResolutionMelLoss, audio_vae_loss,
-                                             dac_mel_bands, discriminator_loss, feature_matching_loss, generator_loss)
+from latentlm_mcore.vae.audio_losses import (AudioDiscriminator, MultiResolutionMelLoss, audio_vae_loss,
+                                             discriminator_loss, feature_matching_loss, generator_loss)
 from latentlm_mcore.vae.audio_metrics import tokenizer_metrics
 from latentlm_mcore.vae.audio_model import AudioSigmaVAE, compute_audio_latent_stats, pad_to_hop, save_audio_vae
 from latentlm_mcore.vae.trainer import VAETrainer
@@ -64,8 +64,6 @@ class AudioTrainConfig:
     mel_weight: float = 15.0  # DAC's loss weights
     mel_clamp: float = 1e-5  # the training loss's mel magnitude floor (DAC's 1e-5; the eval mel distance keeps it):
     # above the floor of digital silence, so the loss is not spent on how quiet a pause is (espeak-ng: 42% zeros)
-    mel_windows: tuple = DAC_MEL_WINDOWS  # the training mel loss's STFT windows (DAC's bands for each); the eval
-    # mel distance keeps DAC's seven
     gan_start_step: int = -1  # step at which the discriminators switch on; -1: never
     gan_loss: Literal["hinge", "lsgan"] = "hinge"
     adversarial_weight: float = 1.0
@@ -182,8 +180,7 @@ class AudioSigmaVAETrainer(VAETrainer):
             raise ValueError(f"crop_seconds {cfg.crop_seconds} is shorter than one latent ({hop} samples)")
 
         self.vae = AudioSigmaVAE(model_cfg).to(self.device)
-        self.mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate, cfg.mel_windows, dac_mel_bands(cfg.mel_windows),
-                                               clamp_eps=cfg.mel_clamp).to(self.device)
+        self.mel_loss = MultiResolutionMelLoss(model_cfg.sample_rate, clamp_eps=cfg.mel_clamp).to(self.device)
         betas = (cfg.adam_beta1, cfg.adam_beta2)
         self.opt = torch.optim.AdamW(self.vae.parameters(), lr=cfg.lr, betas=betas, weight_decay=cfg.weight_decay)
         self.disc = self.disc_opt = None
