@@ -3,7 +3,8 @@
     python -m latentlm_mcore.demo.tts_diagnosis --checkpoint runs/tts_digits_demo/model \\
         --corpus runs/tts_digits_demo/corpus --output diagnosis.json
 
-Three readings on the held-out utterances of the training voices (`heldout`), each prompted with its voice's
+Three readings on the held-out utterances of the training voices (`heldout`; `--split train`: utterances training
+saw, which tells a model that memorised its data from one that learnt the step), each prompted with its voice's
 prompt utterance as the demo's generation is:
 - **teacher forced**: the real utterance's latents are the model's input, and the diffusion head samples each
   latent from the hidden state before it (the context is the truth, so errors cannot accumulate). The
@@ -70,7 +71,8 @@ def teacher_forced_latents(generator, voice_latents, text_ids, targets, cfg_scal
     return out
 
 
-def diagnose(checkpoint: str, corpus: str, cfg_scale: float | None = None, steps: int = 5, seed: int = 0) -> dict:
+def diagnose(checkpoint: str, corpus: str, cfg_scale: float | None = None, steps: int = 5, seed: int = 0,
+             split: str = "heldout", max_utterances: int | None = None) -> dict:
     from latentlm_mcore.data.prep.audio import resample
     from latentlm_mcore.demo.speech_quality import DigitRecognizer
     from latentlm_mcore.inference.tasks import Generator, read_voice
@@ -83,7 +85,9 @@ def diagnose(checkpoint: str, corpus: str, cfg_scale: float | None = None, steps
     if cfg_scale is None:  # tools/generate.py's rule for text-to-speech: the preset's, else 4 (paper Fig. 10a)
         cfg_scale = generator.cfg_scale if generator.cfg_scale is not None else 4.0
     prompts = {p["voice"]: p["audio"] for p in voice_prompts(corpus)}
-    docs = [d for d in read_split(corpus, "heldout") if d["audio"] != prompts.get(d["voice"])]
+    docs = [d for d in read_split(corpus, split) if d["audio"] != prompts.get(d["voice"])]
+    if max_utterances and len(docs) > max_utterances:  # evenly through the split: every voice, text and speed
+        docs = docs[::len(docs) // max_utterances][:max_utterances]
     wavs = LazyWavs(corpus)
     noise_gen = torch.Generator().manual_seed(seed)
     mus, samples, voices, texts = [], [], [], []
@@ -108,7 +112,7 @@ def diagnose(checkpoint: str, corpus: str, cfg_scale: float | None = None, steps
     mu_var = torch.cat(mus).var(0).mean()
     return {
         "checkpoint_iteration": generator_iteration(checkpoint),
-        "utterances": len(docs), "cfg_scale": cfg_scale, "diffusion_steps": steps,
+        "split": split, "utterances": len(docs), "cfg_scale": cfg_scale, "diffusion_steps": steps,
         "recognizer": {
             "real": _accuracy_by_kind([(wavs[d["audio"]], d["text"]) for d in docs], recognizer),
             "reconstructed": _accuracy_by_kind([(resample(reconstruct(vae, resample(wavs[d["audio"]], SAMPLE_RATE,
@@ -144,10 +148,14 @@ def main(argv=None):
     p.add_argument("--cfg-scale", type=float, help="default: generation's (the preset's, else 4)")
     p.add_argument("--diffusion-steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="heldout", choices=("heldout", "train"),
+                   help="train: utterances the model was trained on (against heldout: memorised or learnt)")
+    p.add_argument("--max-utterances", type=int, help="at most this many, evenly through the split")
     args = p.parse_args(argv)
     from latentlm_mcore.runtime.logs import install_warning_filters
     install_warning_filters()  # before megatron's import: its known-benign warnings once or not at all
-    result = diagnose(args.checkpoint, args.corpus, args.cfg_scale, args.diffusion_steps, args.seed)
+    result = diagnose(args.checkpoint, args.corpus, args.cfg_scale, args.diffusion_steps, args.seed,
+                      args.split, args.max_utterances)
     from latentlm_mcore.runtime.files import atomic_write
     with atomic_write(args.output, "w") as f:
         f.write(json.dumps(result, indent=1) + "\n")

@@ -79,3 +79,12 @@ def test_diagnosis_of_a_speech_checkpoint(speech_dataset, tmp_path):
     mse = d["next_latent_mse"]
     assert all(v > 0 for v in mse.values())
     assert 0 < d["latents"]["mu_share_of_sample_variance"] <= 1 and d["latents"]["frame_rate"] == 40
+
+    train = tmp_path / "diagnosis_train.json"  # the utterances training saw, at most 3, evenly through the split
+    proc = subprocess.run([sys.executable, "-m", "latentlm_mcore.demo.tts_diagnosis", "--checkpoint", str(save),
+                           "--corpus", str(speech_dataset.corpus), "--output", str(train), "--split", "train",
+                           "--max-utterances", "3"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    t = json.loads(train.read_text())
+    assert (t["split"], t["utterances"], d["split"]) == ("train", 3, "heldout")
+    assert t["recognizer"]["real"]["all"]["utterances"] == 3
