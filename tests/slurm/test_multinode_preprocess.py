@@ -43,17 +43,65 @@ def submit(env) -> tuple[str, str]:
     return words[words.index("array") + 2], words[words.index("merge") + 2]
 
 
-def freeze_part(output: Path, part: int) -> list[int]:
-    """SIGSTOP the array task writing `part` (the nodes share the host's pid namespace); its pids."""
-    pids = []
+def part_processes(output: Path, part: int) -> list[psutil.Process]:
+    """The array task writing `part` (the nodes share the host's pid namespace)."""
+    found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
         if any(a.endswith("preprocess_interleaved.py") for a in cmd) and str(output) in cmd \
                 and "--shard-index" in cmd and cmd[cmd.index("--shard-index") + 1] == str(part):
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGSTOP)
-                pids.append(proc.pid)
-    return pids
+            found.append(proc)
+    return found
+
+
+def signal_all(procs: list[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(sig)
+    if sig == signal.SIGSTOP:  # delivery is asynchronous: look at the files only once it has stopped
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_running(p) for p in procs):
+            time.sleep(0.001)
+
+
+def _running(proc: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return proc.status() not in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE)
+    return False
+
+
+def freeze_mid_part(output: Path, part: int, queued, start: float, hosts: set) -> None:
+    """Leave the task of `part` SIGSTOPped while it reads documents and encodes (its `.rejects.jsonl.tmp`
+    exists). It runs in 50 ms slices and is only looked at while stopped: a part this small lives a
+    second or less, so watching the file of a running task missed it (seen in CI)."""
+    victim = output / "parts" / f"{part_name(part, PARTS)}.rejects.jsonl.tmp"
+    done = output / "parts" / f"{part_name(part, PARTS)}.json"
+    procs, looked = [], 0.0
+    while True:
+        assert time.time() - start < 300, f"task {part} not seen mid-way in 300 s: {queued()!r}"
+        if time.time() - looked > 0.5:  # not at every slice: a Slurm client call takes a while
+            state, looked = queued(), time.time()
+            hosts |= running_on(state)
+            assert state or procs, f"the jobs left the queue before task {part} was seen: {logs(output)}"
+        procs = procs or part_processes(output, part)
+        if not procs:
+            time.sleep(0.05)
+            continue
+        signal_all(procs, signal.SIGSTOP)
+        if victim.exists():
+            return
+        assert not done.exists(), f"part {part} finished within one 50 ms slice"
+        signal_all(procs, signal.SIGCONT)
+        time.sleep(0.05)
+
+
+def running_on(squeue: str) -> set[str]:
+    """The nodes of the RUNNING lines of `squeue -o "%i %T %N"` (a task just started may not name one yet)."""
+    return {w[2] for w in map(str.split, squeue.splitlines()) if len(w) == 3 and w[1] == "RUNNING"}
+
+
+def logs(output: Path) -> dict:
+    return {p.name: p.read_text()[-2000:] for p in sorted((output / "slurm").glob("*.out"))}
 
 
 def files(folder: Path) -> dict:
@@ -73,20 +121,15 @@ def test_preprocessing_array_over_three_hosts_with_a_killed_task_gives_the_one_h
     queued = lambda *jobs: sh(env, "squeue", "-h", "-r", "-j", ",".join(jobs), "-o", "%i %T %N")  # noqa: E731
     start = time.time()
     array, merge = submit(env)
-    hosts, victim = set(), output / "parts" / f"{part_name(KILLED, PARTS)}.rejects.jsonl.tmp"
+    hosts = set()
     try:
-        while not victim.exists():  # task 1 is reading documents and encoding images
-            assert time.time() - start < 300, queued(array, merge)
-            hosts |= {line.split()[2] for line in queued(array).splitlines() if " RUNNING " in line}
-            time.sleep(0.1)
-        # Freeze the task first: scancel's SIGKILL travels slurmctld -> slurmd and can arrive after a task
-        # this small has finished (seen in CI). A stopped process still dies of SIGKILL.
-        frozen = freeze_part(output, KILLED)
-        assert frozen, f"no process of part {KILLED} found to freeze"
+        freeze_mid_part(output, KILLED, lambda: queued(array, merge), start, hosts)
+        # Frozen first: scancel's SIGKILL travels slurmctld -> slurmd and can arrive after a task this
+        # small has finished (seen in CI). A stopped process still dies of SIGKILL.
         sh(env, "scancel", "--full", "--signal=KILL", f"{array}_{KILLED}")
         while queued(array, merge):
             assert time.time() - start < 600, queued(array, merge)
-            hosts |= {line.split()[2] for line in queued(array).splitlines() if " RUNNING " in line}
+            hosts |= running_on(queued(array))
             time.sleep(0.5)
     finally:
         subprocess.run(["scancel", array, merge], env=env, capture_output=True)
