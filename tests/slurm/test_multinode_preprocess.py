@@ -54,14 +54,20 @@ def part_processes(output: Path, part: int) -> list[psutil.Process]:
     return found
 
 
-def signal_all(procs: list[psutil.Process], sig: int) -> None:
+def stop(procs: list[psutil.Process]) -> None:
+    """SIGSTOP, and wait until they have stopped (delivery is asynchronous): only then look at their files."""
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            proc.send_signal(sig)
-    if sig == signal.SIGSTOP:  # delivery is asynchronous: look at the files only once it has stopped
-        deadline = time.time() + 10
-        while time.time() < deadline and any(_running(p) for p in procs):
-            time.sleep(0.001)
+            proc.send_signal(signal.SIGSTOP)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_running(p) for p in procs):
+        time.sleep(0.001)
+
+
+def resume(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signal.SIGCONT)
 
 
 def _running(proc: psutil.Process) -> bool:
@@ -82,16 +88,16 @@ def freeze_mid_part(output: Path, part: int, queued, start: float, hosts: set) -
         if time.time() - looked > 0.5:  # not at every slice: a Slurm client call takes a while
             state, looked = queued(), time.time()
             hosts |= running_on(state)
-            assert state or procs, f"the jobs left the queue before task {part} was seen: {logs(output)}"
+            assert state or procs, f"the jobs left the queue before task {part} was seen: {slurm_logs(output)}"
         procs = procs or part_processes(output, part)
         if not procs:
             time.sleep(0.05)
             continue
-        signal_all(procs, signal.SIGSTOP)
+        stop(procs)
         if victim.exists():
             return
         assert not done.exists(), f"part {part} finished within one 50 ms slice"
-        signal_all(procs, signal.SIGCONT)
+        resume(procs)
         time.sleep(0.05)
 
 
@@ -100,7 +106,8 @@ def running_on(squeue: str) -> set[str]:
     return {w[2] for w in map(str.split, squeue.splitlines()) if len(w) == 3 and w[1] == "RUNNING"}
 
 
-def logs(output: Path) -> dict:
+def slurm_logs(output: Path) -> dict:
+    """The tail of each Slurm log of the run, for a failure message."""
     return {p.name: p.read_text()[-2000:] for p in sorted((output / "slurm").glob("*.out"))}
 
 
