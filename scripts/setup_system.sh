@@ -35,6 +35,6 @@ fi
   echo "  Install them:  sudo apt-get install --no-install-recommends ${missing[*]}"
   echo "  Until then these tests fail (they need a local Slurm cluster: slurmctld slurmd slurm-client munge):"
   echo "    tests/slurm/test_pretrain_launcher.py, tests/data/prep/test_slurm_preprocess.py,"
-  echo "    tests/vae/test_trainer.py::test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume"
+  echo "    tests/vae/test_trainer_slurm.py::test_two_process_gloo_ddp_via_slurm_launcher_then_torchrun_resume"
 } >&2
 exit 1

@@ -1,4 +1,5 @@
-"""Slurm client calls for the launcher tests: `sh` runs one and returns its output, `wait` polls a condition."""
+"""Slurm client calls for the launcher tests: `sh` runs one and returns its output, `wait` polls a condition,
+`job_fields` reads `scontrol show job`."""
 import subprocess
 import time
 from pathlib import Path
@@ -26,3 +27,10 @@ def wait(condition, what: str, log: Path, timeout=600):
             return
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}; job output:\n{log.read_text()[-4000:] if log.exists() else ''}")
+
+
+def job_fields(env, job_id) -> list[dict]:
+    """`scontrol show job` of one job (or of every task of an array) as one dict per job."""
+    out = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], env=env, capture_output=True,
+                         text=True, timeout=30).stdout
+    return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]

@@ -16,15 +16,9 @@ from latentlm_mcore.data import schema
 
 from tests.conftest import REPO as _REPO
 from tests.data.conftest import make_documents, write_jsonl
+from tests.slurm.commands import job_fields
 
 REPO = str(_REPO)
-
-
-def _job_fields(env, job_id):
-    """`scontrol show job` of one job (or of every task of an array) as one dict per job."""
-    out = subprocess.run(["scontrol", "show", "job", "--oneliner", str(job_id)], env=env, capture_output=True,
-                         text=True, timeout=30).stdout
-    return [dict(f.split("=", 1) for f in line.split() if "=" in f) for line in out.splitlines() if line.strip()]
 
 
 def _queue(env, job_ids) -> str:
@@ -79,7 +73,7 @@ def test_launcher_array_then_dependent_merge_on_real_slurm(slurm_cluster, tmp_pa
     finished = False
     try:
         # Just submitted (the tasks need seconds to import torch): the merge waits on the whole array.
-        merge = _job_fields(env, merge_id)[0]
+        merge = job_fields(env, merge_id)[0]
         assert merge["JobState"] == "COMPLETED" or (
             merge["JobState"] == "PENDING" and merge["Dependency"].startswith(f"afterok:{array_id}")), merge
         _wait_until_gone(env, [array_id, merge_id], out / "slurm")
@@ -89,8 +83,8 @@ def test_launcher_array_then_dependent_merge_on_real_slurm(slurm_cluster, tmp_pa
             subprocess.run(["scancel", array_id, merge_id], env=env, capture_output=True, timeout=30)
 
     logs = _logs(out / "slurm")
-    tasks = sorted(_job_fields(env, array_id), key=lambda j: int(j["ArrayTaskId"]))
-    merge = _job_fields(env, merge_id)[0]
+    tasks = sorted(job_fields(env, array_id), key=lambda j: int(j["ArrayTaskId"]))
+    merge = job_fields(env, merge_id)[0]
     assert [(t["ArrayTaskId"], t["JobState"], t["ExitCode"]) for t in tasks] == \
         [("0", "COMPLETED", "0:0"), ("1", "COMPLETED", "0:0")], logs
     assert (merge["JobState"], merge["ExitCode"]) == ("COMPLETED", "0:0"), logs
@@ -134,8 +128,8 @@ def test_failed_part_cancels_the_merge_instead_of_leaving_it_pending(slurm_clust
         if not finished:
             subprocess.run(["scancel", array_id, merge_id], env=env, capture_output=True, timeout=30)
     logs = _logs(out / "slurm")
-    tasks = _job_fields(env, array_id)
-    merge = _job_fields(env, merge_id)[0]
+    tasks = job_fields(env, array_id)
+    merge = job_fields(env, merge_id)[0]
     assert sorted(t["JobState"] for t in tasks) == ["FAILED", "FAILED"], logs
     assert "no-such-vae.pt" in logs  # each task said why
     assert (merge["JobState"], merge["Reason"]) == ("CANCELLED", "DependencyNeverSatisfied"), merge
